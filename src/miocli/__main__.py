@@ -1,0 +1,3 @@
+from miocli.cli import main
+
+main()

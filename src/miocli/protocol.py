@@ -1,0 +1,300 @@
+"""The MIO prompt protocol: chat template, placeholders, token strings, output parsing.
+
+Everything here is plain string and list work with no model library, so prompts can be
+printed (`--print-prompt`) and outputs parsed without loading any weights. The constants are
+the strings MIO was trained on and must stay byte for byte as they are (MIO_PROTOCOL §2–§6).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from miocli.tokenizer import MioTokenizer
+
+STD_SYSTEM = (
+    "You are MIO, an AI assistant capable of understanding and generating images, text, videos, "
+    "and speech, selecting the appropriate modality according to the context."
+)
+VOICE_SYSTEM = (
+    "You are MIO, an AI assistant capable of understanding images, text, videos, and speech, and "
+    "generating speech. Please respond to the user with speech only, starting with <spch> and ending with </spch>."
+)
+MODES = ("std", "voice", "custom")
+
+BOS = "<|startoftext|>"
+EOS = "<|endoftext|>"
+IM_START = "<|im_start|>"
+IM_END = "<|im_end|>"
+UNK = "<unk>"
+ASSISTANT_STARTER = f"{IM_START}assistant\n"
+TURN_SEPARATOR = "\n"
+
+IMAGE_BEGIN, IMAGE_END = "<image>", "</image>"
+SPEECH_BEGIN, SPEECH_END = "<spch>", "</spch>"
+IMAGE_CODEBOOK_SIZE = 8192
+IMAGE_TOKENS_PER_IMAGE = 32
+SPEECH_CODEBOOK_SIZE = 1024
+SPEECH_LAYERS_IN_OUTPUT = 4
+SPEECH_PART_NAMES = ("content", "timbre0", "timbre1", "timbre2")
+
+_TURN_FORMAT = {
+    "system": f"{IM_START}system\n{{}}{IM_END}",
+    "user": f"{IM_START}user\n{{}}{IM_END}",
+    "assistant": f"{IM_START}assistant\n{{}}{IM_END}",
+}
+
+
+def image_placeholder(index: int) -> str:
+    return f"<image_placeholder_{index}>"
+
+
+def speech_placeholder(index: int) -> str:
+    return f"<speech_placeholder_{index}>"
+
+
+# ---- chat template ---------------------------------------------------------------------------
+def apply_chat_template(
+    conversations: Sequence[Sequence[dict[str, Any]]],
+    mode: str = "std",
+    *,
+    add_generation_prompt: bool = True,
+    add_bos: bool = True,
+) -> list[str]:
+    """One prompt string per conversation (a list of {"role", "content"} turns).
+
+    Placeholders are left as they are; `fill_placeholders` puts the media token strings in.
+    Errors follow the reference's types and messages, which scripts may already match on.
+    """
+    if mode not in MODES:
+        raise ValueError(
+            f"Unknown mode: {mode}, must choose from ['std', 'voice'].\n"
+            f"The std system is: {STD_SYSTEM}\nThe voice system is: {VOICE_SYSTEM}"
+        )
+    prompts = []
+    for conversation in conversations:
+        if mode == "custom":
+            if not conversation or conversation[0]["role"] != "system":
+                raise AssertionError("In custom mode, the first turn must be the system.")
+            system = conversation[0]["content"]
+        else:
+            system = STD_SYSTEM if mode == "std" else VOICE_SYSTEM
+        parts = [_TURN_FORMAT["system"].format(system)]
+        for turn in conversation:
+            role = turn["role"]
+            if role == "system":
+                continue
+            if role not in ("user", "assistant"):
+                raise ValueError(f"Unknown role: {role}")
+            parts.append(_TURN_FORMAT[role].format(turn["content"]))
+        text = "".join(part + TURN_SEPARATOR for part in parts)
+        text = text + ASSISTANT_STARTER if add_generation_prompt else text[: -len(TURN_SEPARATOR)]
+        prompts.append((BOS if add_bos else "") + text)
+    return prompts
+
+
+def fill_placeholders(text: str, image_strings: Sequence[str] = (), speech_strings: Sequence[str] = ()) -> str:
+    """Replace every `<image_placeholder_j>` / `<speech_placeholder_j>` by the j-th token string."""
+    for j, token_string in enumerate(image_strings):
+        text = text.replace(image_placeholder(j), token_string)
+    for j, token_string in enumerate(speech_strings):
+        text = text.replace(speech_placeholder(j), token_string)
+    return text
+
+
+def encode_prompts(
+    tokenizer: MioTokenizer,
+    texts: Sequence[str],
+    *,
+    batch_image_strings: Sequence[Sequence[str]] | None = None,
+    batch_speech_strings: Sequence[Sequence[str]] | None = None,
+    add_bos: bool = True,
+    padding: bool = True,
+    truncation: bool = False,
+    max_length: int | None = None,
+) -> dict[str, list[list[int]]]:
+    """Token ids of prompts with their media filled in, left-padded like the reference."""
+    filled = []
+    for i, text in enumerate(texts):
+        images: Sequence[str] = ()
+        if batch_image_strings is not None:
+            images = batch_image_strings[i]
+            # The reference reads the first image of every sample it is handed media for; an
+            # empty list there is an error in it, kept so both accept the same inputs.
+            images[0]  # noqa: B018
+        speeches = batch_speech_strings[i] if batch_speech_strings is not None else ()
+        text = fill_placeholders(text, images, speeches)
+        if add_bos and not text.startswith(BOS):
+            text = BOS + text
+        filled.append(text)
+    return tokenizer(filled, padding=padding, truncation=truncation, max_length=max_length)
+
+
+# ---- token strings ---------------------------------------------------------------------------
+def image_ids_to_string(ids: Sequence[int], *, add_begin_end: bool = True) -> str:
+    body = "".join(f"<img{int(i)}>" for i in ids)
+    return f"{IMAGE_BEGIN}{body}{IMAGE_END}" if add_begin_end else body
+
+
+def speech_codes_to_string(
+    codes: Sequence[Sequence[int]], *, with_timbre: bool, add_begin_end: bool = True
+) -> str:
+    """Token string of speech codes given as layers × frames (layer 0 = content).
+
+    Content only for understanding; with timbre, layers 0–3 one after the other, layer k
+    shifted by 1024·k. Without begin/end markers the reference joins content tokens with
+    spaces but timbre tokens without: reproduced because callers may depend on it.
+    """
+    layers = SPEECH_LAYERS_IN_OUTPUT if with_timbre else 1
+    if len(codes) < layers:
+        raise ValueError(f"need {layers} layers of speech codes, got {len(codes)}")
+    tokens = [
+        f"<spch{int(code) + SPEECH_CODEBOOK_SIZE * k}>" for k in range(layers) for code in codes[k]
+    ]
+    if add_begin_end:
+        return SPEECH_BEGIN + "".join(tokens) + SPEECH_END
+    return ("" if with_timbre else " ").join(tokens)
+
+
+_IMAGE_SEGMENT = re.compile(r"<image>\s*(?:<img\d+>\s*)+\s*</image>")
+_SPEECH_SEGMENT = re.compile(r"<spch>\s*(?:<spch\d+>\s*)+\s*</spch>")
+_SPEECH_TOKEN = re.compile(r"<spch(\d+)>")
+_DIGITS = re.compile(r"\d+")
+
+
+def image_ids_from_string(segment: str) -> list[int]:
+    """Ids of an image segment: every run of digits inside it, as the reference reads them."""
+    return [int(digits) for digits in _DIGITS.findall(segment)]
+
+
+def speech_part_of(number: int) -> str:
+    if 0 <= number < SPEECH_CODEBOOK_SIZE * SPEECH_LAYERS_IN_OUTPUT:
+        return SPEECH_PART_NAMES[number // SPEECH_CODEBOOK_SIZE]
+    raise ValueError(f"Token number <spch{number}> out of valid ranges of speech tokens.")
+
+
+def check_speech_completeness(segment: str) -> bool:
+    """True when a speech string has content, timbre0, timbre1, timbre2 parts of equal length.
+
+    Raises ValueError otherwise, with the reference's messages (checked in its order:
+    number of parts, then order, then lengths).
+    """
+    numbers = [int(digits) for digits in _SPEECH_TOKEN.findall(segment)]
+    if not numbers:
+        raise ValueError("Cannot found <spch\\d+> tokens")
+    parts: list[str] = []
+    lengths: list[int] = []
+    for number in numbers:
+        part = speech_part_of(number)
+        if parts and parts[-1] == part:
+            lengths[-1] += 1
+        else:
+            parts.append(part)
+            lengths.append(1)
+    if len(parts) != SPEECH_LAYERS_IN_OUTPUT:
+        raise ValueError(f"Must have exactly four parts in the speech tokens, only found {parts}")
+    for k, (part, expected) in enumerate(zip(parts, SPEECH_PART_NAMES)):
+        if part != expected:
+            raise ValueError(
+                f"Part {k} is expected to be {expected}, but found {part}. "
+                f"Parts are not in the correct order: {parts}"
+            )
+    if len(set(lengths)) != 1:
+        raise ValueError(f"Each part must have the same number of tokens, but found {lengths}.")
+    return True
+
+
+def speech_codes_from_string(segment: str) -> list[list[int]]:
+    """Codes (4 layers × frames) of a complete speech segment, offsets removed.
+
+    Unlike the reference, tokens are found by pattern rather than by splitting on spaces, so
+    a segment mixing touching and spaced tokens decodes instead of failing.
+    """
+    check_speech_completeness(segment)
+    numbers = [int(digits) for digits in _SPEECH_TOKEN.findall(segment)]
+    frames = len(numbers) // SPEECH_LAYERS_IN_OUTPUT
+    return [
+        [n - SPEECH_CODEBOOK_SIZE * k for n in numbers[k * frames : (k + 1) * frames]]
+        for k in range(SPEECH_LAYERS_IN_OUTPUT)
+    ]
+
+
+def speech_content_from_string(segment: str) -> list[int]:
+    """Content codes (layer 0) of any speech string: understanding inputs carry only those."""
+    return [n for n in (int(d) for d in _SPEECH_TOKEN.findall(segment)) if n < SPEECH_CODEBOOK_SIZE]
+
+
+# ---- reading the output ----------------------------------------------------------------------
+def extract_assistant(text: str) -> str:
+    """The last assistant reply: text after the last assistant starter, markers removed, stripped."""
+    position = text.rfind(ASSISTANT_STARTER)
+    if position >= 0:
+        text = text[position + len(ASSISTANT_STARTER) :]
+    return text.replace(IM_END, "").replace(UNK, "").strip()
+
+
+@dataclass
+class ImageSegment:
+    raw: str
+    ids: list[int]
+
+
+@dataclass
+class SpeechSegment:
+    raw: str
+    codes: list[list[int]]
+
+
+@dataclass
+class BadSegment:
+    """A segment that cannot be decoded; the rest of the output is kept."""
+
+    kind: str
+    raw: str
+    reason: str
+
+
+@dataclass
+class ParsedOutput:
+    text: str
+    images: list[ImageSegment] = field(default_factory=list)
+    speeches: list[SpeechSegment] = field(default_factory=list)
+    problems: list[BadSegment] = field(default_factory=list)
+
+
+def parse_output(
+    text: str,
+    *,
+    extract: bool = True,
+    take_images: bool = True,
+    take_speeches: bool = True,
+) -> ParsedOutput:
+    """Split one decoded output into text with placeholders and its media segments.
+
+    Image segments are taken first, then speech, each replaced left to right by its
+    placeholder (numbered per kind from 0). A malformed speech segment stays in the text as
+    it is and is reported in `problems`; the reference raises there and loses everything.
+    """
+    if extract:
+        text = extract_assistant(text)
+    parsed = ParsedOutput(text=text)
+    if take_images:
+        for match in _IMAGE_SEGMENT.finditer(text):
+            raw = match.group(0)
+            parsed.text = parsed.text.replace(raw, image_placeholder(len(parsed.images)), 1)
+            parsed.images.append(ImageSegment(raw=raw, ids=image_ids_from_string(raw)))
+    if take_speeches:
+        for match in _SPEECH_SEGMENT.finditer(parsed.text):
+            raw = match.group(0)
+            try:
+                codes = speech_codes_from_string(raw)
+            except ValueError as exc:
+                parsed.problems.append(BadSegment(kind="speech", raw=raw, reason=str(exc)))
+                continue
+            parsed.speeches.append(SpeechSegment(raw=raw, codes=codes))
+        for index, segment in enumerate(parsed.speeches):
+            parsed.text = parsed.text.replace(segment.raw, speech_placeholder(index), 1)
+    return parsed
