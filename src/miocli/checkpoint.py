@@ -1,0 +1,226 @@
+"""Find a MIO model folder and check that it holds what a task needs (MIO_PROTOCOL §1).
+
+Nothing here imports a model library or touches the network: `--model` resolves to a local
+folder or to a snapshot already in the Hugging Face cache, and every problem is reported as
+what is missing and how to get it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from miocli.errors import ModelError, UsageError
+
+INSTRUCT_ID = "m-a-p/MIO-7B-Instruct"
+BASE_ID = "m-a-p/MIO-7B-Base"
+DEFAULT_MODEL = INSTRUCT_ID
+HUB_IDS = {"instruct": INSTRUCT_ID, "base": BASE_ID}
+VARIANTS = ("instruct", "base")
+
+# Component names used across the runtime: what each task needs, what doctor checks.
+LLM = "llm"
+SEED = "seed"
+SPEECH = "speech"
+UNCLIP = "unclip"
+COMPONENTS = (LLM, SEED, SPEECH, UNCLIP)
+
+TOKENIZER_FILES = ("tokenizer.model",)
+UNCLIP_SUBFOLDERS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "image_normalizer",
+                     "image_noising_scheduler")
+
+
+def hf_cache_dir() -> Path:
+    """The hub cache folder, honouring the same variables huggingface_hub does."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"])
+    hf_home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "huggingface"
+    )
+    return Path(hf_home) / "hub"
+
+
+def looks_like_hub_id(text: str) -> bool:
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts) and not text.startswith((".", "~")) and "\\" not in text
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The newest complete local snapshot of `repo_id` in the hub cache, if any."""
+    repo_dir = hf_cache_dir() / ("models--" + repo_id.replace("/", "--"))
+    ref = repo_dir / "refs" / "main"
+    snapshots = repo_dir / "snapshots"
+    if ref.is_file():
+        candidate = snapshots / ref.read_text().strip()
+        if candidate.is_dir():
+            return candidate
+    if snapshots.is_dir():
+        found = sorted((p for p in snapshots.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
+        if found:
+            return found[-1]
+    return None
+
+
+def resolve_model(model: str | None) -> Path:
+    """`--model` (or MIO_MODEL, or the Instruct id) as a local folder."""
+    spec = model or os.environ.get("MIO_MODEL") or DEFAULT_MODEL
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"--model {spec} is a file; it should be the model folder",
+                             hint="pass the folder that holds config.json")
+        return path
+    if looks_like_hub_id(spec):
+        snapshot = cached_snapshot(spec)
+        if snapshot is None:
+            variant = "base" if spec == BASE_ID else "instruct"
+            raise ModelError(
+                f"model {spec} is not in the local Hugging Face cache ({hf_cache_dir()})",
+                hint=f"download it on purpose with `mio download --variant {variant}`, or pass --model PATH "
+                "to a local folder (mio never downloads implicitly)",
+            )
+        return snapshot
+    raise ModelError(f"no model folder at {spec}", hint="pass --model PATH to a MIO folder or a hub id")
+
+
+def detect_variant(model_dir: Path, override: str | None = None) -> str:
+    """'instruct' or 'base': --variant, else config.json's mio_variant, else the folder's name."""
+    if override:
+        value = override.lower()
+        if value not in VARIANTS:
+            raise UsageError(f"--variant {override} is not one of {', '.join(VARIANTS)}")
+        return value
+    config_path = model_dir / "config.json"
+    if config_path.is_file():
+        try:
+            declared = json.loads(config_path.read_text()).get("mio_variant")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            declared = None
+        if declared in VARIANTS:
+            return declared
+    for part in reversed(model_dir.resolve().parts):
+        lowered = part.lower()
+        if "instruct" in lowered:
+            return "instruct"
+        if lowered.endswith("-base") or "mio-7b-base" in lowered or "--base" in lowered:
+            return "base"
+    return "instruct"
+
+
+@dataclass
+class ComponentReport:
+    name: str
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _check_llm(model_dir: Path) -> ComponentReport:
+    report = ComponentReport(LLM, ok=True)
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        report.problems.append("config.json is missing")
+    else:
+        try:
+            config = json.loads(config_path.read_text())
+            if not isinstance(config, dict) or "model_type" not in config:
+                report.problems.append("config.json has no model_type (corrupt or not a transformers config)")
+            elif config.get("model_type") != "llama":
+                report.notes.append(f"model_type is {config.get('model_type')!r}, MIO is a llama model")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            report.problems.append(f"config.json is corrupt ({exc.__class__.__name__}: {exc})")
+    for name in TOKENIZER_FILES:
+        if not (model_dir / name).is_file():
+            report.problems.append(f"{name} is missing")
+    if not (model_dir / "added_tokens.json").is_file() and not (model_dir / "tokenizer_config.json").is_file():
+        report.problems.append("added_tokens.json / tokenizer_config.json are missing (MIO's multimodal tokens)")
+    report.problems.extend(_check_weight_files(model_dir))
+    report.ok = not report.problems
+    return report
+
+
+def _check_weight_files(model_dir: Path) -> list[str]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index_path = model_dir / index_name
+        if index_path.is_file():
+            try:
+                shards = set(json.loads(index_path.read_text())["weight_map"].values())
+            except (OSError, KeyError, json.JSONDecodeError, AttributeError) as exc:
+                return [f"{index_name} is corrupt ({exc})"]
+            missing = sorted(s for s in shards if not _nonempty(model_dir / s))
+            if missing:
+                shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+                return [f"weight shards missing or empty (half-downloaded?): {shown}"]
+            return []
+    singles = [model_dir / "model.safetensors", model_dir / "pytorch_model.bin"]
+    if any(_nonempty(p) for p in singles):
+        return []
+    if any(p.exists() for p in singles):
+        return ["the weights file is empty (half-downloaded?)"]
+    return ["no LLM weights (model.safetensors, model-*.safetensors with an index, or pytorch_model*.bin)"]
+
+
+def _nonempty(path: Path) -> bool:
+    try:
+        return path.is_file() and path.stat().st_size > 0
+    except OSError:
+        return False
+
+
+def _check_seed(model_dir: Path) -> ComponentReport:
+    folder = model_dir / "seed-tokenizer-2"
+    report = ComponentReport(SEED, ok=True)
+    if not _nonempty(folder / "seed_quantizer.pt"):
+        report.problems.append("seed-tokenizer-2/seed_quantizer.pt is missing or empty")
+    if not (folder / "eva_vit_g.pth").exists():
+        report.notes.append(
+            "seed-tokenizer-2/eva_vit_g.pth is absent: fine if seed_quantizer.pt holds the ViT, "
+            "otherwise image input fails (the reference would download it; mio never does)"
+        )
+    report.ok = not report.problems
+    return report
+
+
+def _check_speech(model_dir: Path) -> ComponentReport:
+    folder = model_dir / "SpeechTokenizer"
+    report = ComponentReport(SPEECH, ok=True)
+    for name in ("config.json", "SpeechTokenizer.pt"):
+        if not _nonempty(folder / name):
+            report.problems.append(f"SpeechTokenizer/{name} is missing or empty")
+    report.ok = not report.problems
+    return report
+
+
+def _check_unclip(model_dir: Path) -> ComponentReport:
+    folder = model_dir / "stable-diffusion-2-1-unclip"
+    report = ComponentReport(UNCLIP, ok=True)
+    if not (folder / "model_index.json").is_file():
+        report.problems.append("stable-diffusion-2-1-unclip/model_index.json is missing")
+    for sub in UNCLIP_SUBFOLDERS:
+        if not (folder / sub).is_dir():
+            report.problems.append(f"stable-diffusion-2-1-unclip/{sub}/ is missing")
+    report.ok = not report.problems
+    return report
+
+
+_CHECKS = {LLM: _check_llm, SEED: _check_seed, SPEECH: _check_speech, UNCLIP: _check_unclip}
+
+
+def check_components(model_dir: Path, components: Iterable[str] = COMPONENTS) -> list[ComponentReport]:
+    return [_CHECKS[name](model_dir) for name in components]
+
+
+def require_components(model_dir: Path, components: Iterable[str]) -> None:
+    """Raise one ModelError listing everything missing for the components a task needs."""
+    failed = [r for r in check_components(model_dir, components) if not r.ok]
+    if not failed:
+        return
+    details = "; ".join(f"{r.name}: {', '.join(r.problems)}" for r in failed)
+    raise ModelError(
+        f"the model folder {model_dir} is incomplete — {details}",
+        hint="re-run `mio download` for a hub model, or copy the missing files into the folder; "
+        "`mio doctor` shows the full check",
+    )

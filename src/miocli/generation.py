@@ -1,0 +1,314 @@
+"""Generation presets (MIO_PROTOCOL §8), user overrides, batching and decodable-output constraints."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from miocli import protocol
+from miocli.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from miocli.tokenizer import MioTokenizer
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    num_beams: int = 5
+    do_sample: bool = False
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float | None = None
+    max_new_tokens: int = 512
+    length_penalty: float = 1.0
+
+
+PRESETS: dict[str, GenerationSettings] = {
+    "text": GenerationSettings(num_beams=5, do_sample=False, repetition_penalty=1.0),
+    "image": GenerationSettings(num_beams=5, do_sample=False, repetition_penalty=1.15, top_p=0.7),
+    "tts": GenerationSettings(num_beams=1, do_sample=True, repetition_penalty=1.15, top_p=0.7, max_new_tokens=2048),
+    "spoken": GenerationSettings(num_beams=5, do_sample=False, repetition_penalty=2.0, top_p=0.7, max_new_tokens=2048),
+    "s2s": GenerationSettings(num_beams=5, do_sample=False, repetition_penalty=1.15, top_p=0.7, max_new_tokens=2048),
+    "video_gen": GenerationSettings(
+        num_beams=1, do_sample=True, repetition_penalty=1.15, top_p=0.7, max_new_tokens=1024
+    ),
+    "interleave": GenerationSettings(
+        num_beams=1, do_sample=True, repetition_penalty=1.15, top_p=0.7, max_new_tokens=1024
+    ),
+}
+
+
+@dataclass(frozen=True)
+class GenerationOverrides:
+    """What the user set on the command line; None keeps the task's preset."""
+
+    num_beams: int | None = None
+    do_sample: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    max_new_tokens: int | None = None
+
+    def validate(self) -> None:
+        if self.num_beams is not None and self.num_beams < 1:
+            raise UsageError("--beams must be at least 1")
+        if self.temperature is not None and self.temperature <= 0:
+            raise UsageError("--temperature must be above 0")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise UsageError("--top-p must be in (0, 1]")
+        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
+            raise UsageError("--repetition-penalty must be above 0")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise UsageError("--max-new-tokens must be at least 1")
+
+    def apply(self, preset: GenerationSettings) -> GenerationSettings:
+        changes = {k: v for k, v in vars(self).items() if v is not None}
+        return replace(preset, **changes)
+
+
+def hf_generate_kwargs(settings: GenerationSettings) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "num_beams": settings.num_beams,
+        "do_sample": settings.do_sample,
+        "repetition_penalty": settings.repetition_penalty,
+        "max_new_tokens": settings.max_new_tokens,
+        "length_penalty": settings.length_penalty,
+    }
+    if settings.do_sample:
+        kwargs["temperature"] = settings.temperature
+        kwargs["top_k"] = 0
+        if settings.top_p is not None:
+            kwargs["top_p"] = settings.top_p
+    return kwargs
+
+
+# ---- constraints ------------------------------------------------------------------------------
+TEXT, IMAGE, SPEECH, DONE = "text", "image", "speech", "done"
+
+
+@dataclass(frozen=True)
+class SegmentState:
+    """Where a row stands: in text, inside an image, or inside a speech segment (and which part)."""
+
+    where: str = TEXT
+    count: int = 0  # image tokens so far, or tokens in the current speech part
+    part: int = 0  # speech: 0 content, 1..3 timbre parts
+    content_length: int = 0  # speech: content tokens, fixed once timbre0 starts
+    started: bool = False
+
+
+class MediaVocabulary:
+    """Ids of the multimodal tokens, looked up by string (never hard-coded)."""
+
+    def __init__(self, tokenizer: MioTokenizer) -> None:
+        self.image_begin = tokenizer.token_to_id(protocol.IMAGE_BEGIN)
+        self.image_end = tokenizer.token_to_id(protocol.IMAGE_END)
+        self.speech_begin = tokenizer.token_to_id(protocol.SPEECH_BEGIN)
+        self.speech_end = tokenizer.token_to_id(protocol.SPEECH_END)
+        self.image_ids = [tokenizer.token_to_id(f"<img{i}>") for i in range(protocol.IMAGE_CODEBOOK_SIZE)]
+        size = protocol.SPEECH_CODEBOOK_SIZE
+        self.speech_part_ids = [
+            [tokenizer.token_to_id(f"<spch{k * size + i}>") for i in range(size)]
+            for k in range(protocol.SPEECH_LAYERS_IN_OUTPUT)
+        ]
+        self.image_id_set = set(self.image_ids)
+        self.speech_part_of = {tid: k for k, ids in enumerate(self.speech_part_ids) for tid in ids}
+        self.vocab_size = tokenizer.vocab_size
+
+
+class SegmentConstraint:
+    """Logits processor that keeps every image and speech segment decodable.
+
+    After `<image>` exactly 32 image tokens then `</image>`; after `<spch>` content tokens until
+    the model starts timbre0 (or the content cap), then exactly as many tokens in each timbre
+    part, in order, then `</spch>`. Outside segments, stray media tokens and closers are
+    banned. `force_first` makes the answer open with a segment (an image or speech task).
+    """
+
+    def __init__(
+        self,
+        vocab: MediaVocabulary,
+        prompt_length: int,
+        max_new_tokens: int,
+        *,
+        force_first: int | None = None,
+        allow_images: bool = True,
+        allow_speech: bool = True,
+        max_content_tokens: int | None = None,
+        start_in_image: bool = False,
+    ) -> None:
+        self.vocab = vocab
+        self.prompt_length = prompt_length
+        self.max_new_tokens = max_new_tokens
+        self.force_first = force_first
+        self.allow_images = allow_images
+        self.allow_speech = allow_speech
+        self.max_content_tokens = max_content_tokens
+        self.initial = SegmentState(IMAGE, started=True) if start_in_image else SegmentState()
+        self._states: dict[bytes, SegmentState] = {}
+        self._masks: dict[str, torch.Tensor] = {}
+
+    def _mask(self, name: str, ids: Sequence[int], device: torch.device, width: int) -> torch.Tensor:
+        key = f"{name}:{device}:{width}"
+        if key not in self._masks:
+            import torch
+
+            mask = torch.zeros(width, dtype=torch.bool, device=device)
+            mask[torch.tensor([i for i in ids if i < width], dtype=torch.long, device=device)] = True
+            self._masks[key] = mask
+        return self._masks[key]
+
+    def advance(self, state: SegmentState, token: int) -> SegmentState:
+        v = self.vocab
+        if state.where == TEXT:
+            if token == v.image_begin:
+                return SegmentState(IMAGE, started=True)
+            if token == v.speech_begin:
+                return SegmentState(SPEECH, started=True)
+            return replace(state, started=True)
+        if state.where == IMAGE:
+            if token == v.image_end:
+                return SegmentState(TEXT, started=True)
+            return replace(state, count=state.count + 1)
+        if token == v.speech_end:
+            return SegmentState(TEXT, started=True)
+        part = v.speech_part_of.get(token, state.part)
+        if part == state.part:
+            return replace(state, count=state.count + 1)
+        content_length = state.count if state.part == 0 else state.content_length
+        return replace(state, part=part, count=1, content_length=content_length)
+
+    def _state_of(self, row: Any) -> SegmentState:
+        generated = row[self.prompt_length :]
+        key = generated.tobytes()
+        state = self._states.get(key)
+        if state is not None:
+            return state
+        previous = self._states.get(generated[:-1].tobytes()) if len(generated) else None
+        if previous is not None:
+            state = self.advance(previous, int(generated[-1]))
+        else:
+            state = self.initial
+            for token in generated:
+                state = self.advance(state, int(token))
+        self._states[key] = state
+        return state
+
+    def allowed(self, state: SegmentState, generated: int, device: torch.device, width: int) -> torch.Tensor:
+        v = self.vocab
+        remaining = self.max_new_tokens - generated
+        if not state.started and self.force_first is not None:
+            return self._mask(f"only{self.force_first}", [self.force_first], device, width)
+        if state.where == IMAGE:
+            if state.count < protocol.IMAGE_TOKENS_PER_IMAGE:
+                return self._mask("img", v.image_ids, device, width)
+            return self._mask("img_end", [v.image_end], device, width)
+        if state.where == SPEECH:
+            return self._speech_allowed(state, remaining, device, width)
+        # Opening a segment needs room to close it: 34 tokens for an image, 6 for the shortest speech.
+        image_ok = self.allow_images and remaining >= protocol.IMAGE_TOKENS_PER_IMAGE + 2
+        speech_ok = self.allow_speech and remaining >= 2 + protocol.SPEECH_LAYERS_IN_OUTPUT
+        key = f"text_allowed:{image_ok}:{speech_ok}"
+        media = set(v.image_ids) | {v.image_end, v.speech_end} | set(v.speech_part_of)
+        if not image_ok:
+            media.add(v.image_begin)
+        if not speech_ok:
+            media.add(v.speech_begin)
+        return ~self._mask(key, sorted(media), device, width)
+
+    def _speech_allowed(self, state: SegmentState, remaining: int, device: torch.device, width: int) -> torch.Tensor:
+        v = self.vocab
+        layers = protocol.SPEECH_LAYERS_IN_OUTPUT
+        if state.part == 0:
+            if state.count == 0:
+                return self._mask("spch0", v.speech_part_ids[0], device, width)
+            # Another content token must leave room for three timbre parts of the new length
+            # and the closer: 1 + 3 * (count + 1) + 1 tokens.
+            can_extend = 3 * state.count + 5 <= remaining and (
+                self.max_content_tokens is None or state.count < self.max_content_tokens
+            )
+            if not can_extend:
+                return self._mask("spch1", v.speech_part_ids[1], device, width)
+            return self._mask("spch01", v.speech_part_ids[0] + v.speech_part_ids[1], device, width)
+        if state.count < state.content_length:
+            return self._mask(f"spch{state.part}", v.speech_part_ids[state.part], device, width)
+        if state.part < layers - 1:
+            return self._mask(f"spch{state.part + 1}", v.speech_part_ids[state.part + 1], device, width)
+        return self._mask("spch_end", [v.speech_end], device, width)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        rows = input_ids.cpu().numpy()
+        generated = rows.shape[1] - self.prompt_length
+        # Keep only this step's states: beams are reordered every step, the prefixes are not.
+        live: dict[bytes, SegmentState] = {}
+        width = scores.shape[-1]
+        for i, row in enumerate(rows):
+            state = self._state_of(row)
+            live[row[self.prompt_length :].tobytes()] = state
+            allowed = self.allowed(state, generated, scores.device, width)
+            scores[i] = scores[i].masked_fill(~allowed, float("-inf"))
+        self._states = live
+        return scores
+
+
+# ---- running ----------------------------------------------------------------------------------
+def generate(
+    llm: Any,
+    tokenizer: MioTokenizer,
+    prompts: Sequence[Sequence[int]],
+    settings: GenerationSettings,
+    *,
+    stop_id: int,
+    batch_size: int = 1,
+    seed: int | None = None,
+    constraint_factory: Callable[[int, int], Any] | None = None,
+    on_batch_done: Callable[[int], None] | None = None,
+) -> list[list[int]]:
+    """New token ids for each prompt (prompt and padding removed, stop token dropped).
+
+    Prompts are grouped by length before batching so that left padding stays small; the
+    results come back in the input order.
+    """
+    import torch
+    from transformers import LogitsProcessorList
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    results: dict[int, list[int]] = {}
+    device = next(llm.parameters()).device
+    pad_id = tokenizer.pad_id
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        width = max(len(prompts[i]) for i in chunk)
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, index in enumerate(chunk):
+            prompt = list(prompts[index])
+            ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            mask[row, width - len(prompt) :] = 1
+        processors = LogitsProcessorList()
+        if constraint_factory is not None:
+            processors.append(constraint_factory(width, settings.max_new_tokens))
+        with torch.inference_mode():
+            output = llm.generate(
+                input_ids=ids.to(device),
+                attention_mask=mask.to(device),
+                logits_processor=processors,
+                eos_token_id=stop_id,
+                pad_token_id=pad_id,
+                **hf_generate_kwargs(settings),
+            )
+        for row, index in enumerate(chunk):
+            new = output[row, width:].tolist()
+            if stop_id in new:
+                new = new[: new.index(stop_id)]
+            while new and new[-1] == pad_id:
+                new.pop()
+            results[index] = new
+        if on_batch_done is not None:
+            on_batch_done(len(chunk))
+    return [results[i] for i in range(len(prompts))]

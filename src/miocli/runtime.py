@@ -1,0 +1,258 @@
+"""Device, dtype and quantization choice, and lazy per-component loading.
+
+A `Runtime` holds the model folder and the user's choices; each component (tokenizer, LLM,
+image codec, speech codec, unCLIP pipeline) is loaded the first time a task asks for it,
+so a command pays only for what its task needs. Every load is timed and its memory noted
+for `--verbose`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from miocli import checkpoint
+from miocli.errors import EnvironmentProblem, ModelError, UsageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from miocli.tokenizer import MioTokenizer
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUANTIZE_MODES = ("auto", "none", "8bit", "4bit")
+# fp16 weights of the 7B LLM plus room for activations and the KV cache.
+LLM_FP16_BYTES = 7_000_000_000 * 2
+HEADROOM = 1.25
+
+
+@dataclass
+class RuntimeOptions:
+    model: str | None = None
+    variant: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    quantize: str = "auto"
+    verbose: bool = False
+
+
+def validate_options(options: RuntimeOptions) -> None:
+    """Cheap checks of option values, done before anything heavy is imported."""
+    device = options.device.lower()
+    if device not in ("auto", "cpu", "cuda") and not (device.startswith("cuda:") and device[5:].isdigit()):
+        raise UsageError(f"unknown device {options.device!r}", hint=f"use {DEVICE_CHOICES}")
+    if options.dtype not in DTYPES:
+        raise UsageError(f"unknown dtype {options.dtype!r}", hint=f"use one of {', '.join(DTYPES)}")
+    if options.quantize not in QUANTIZE_MODES:
+        raise UsageError(f"unknown quantize mode {options.quantize!r}", hint=f"use one of {', '.join(QUANTIZE_MODES)}")
+    if options.variant is not None and options.variant.lower() not in checkpoint.VARIANTS:
+        raise UsageError(f"unknown variant {options.variant!r}", hint="use instruct or base")
+
+
+def resolve_device(spec: str) -> torch.device:
+    import torch
+
+    spec = spec.lower()
+    if spec == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if spec == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise EnvironmentProblem(f"--device {spec} was asked for but CUDA is not available here",
+                                 hint="use --device cpu (or auto)")
+    device = torch.device("cuda:0" if spec == "cuda" else spec)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise EnvironmentProblem(f"--device {spec}: only {torch.cuda.device_count()} CUDA device(s) here",
+                                 hint="pick an index below that")
+    return device
+
+
+def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+    import torch
+
+    if spec == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec]
+
+
+def resolve_quantize(spec: str, device: torch.device, weight_bytes: int = LLM_FP16_BYTES) -> str:
+    """'none', '8bit' or '4bit'. auto: 4-bit on a CUDA device too small for fp16 weights."""
+    if spec == "auto":
+        if device.type != "cuda":
+            return "none"
+        import torch
+
+        free, _total = torch.cuda.mem_get_info(device)
+        return "4bit" if free < weight_bytes * HEADROOM else "none"
+    if spec in ("8bit", "4bit"):
+        problem = bitsandbytes_problem(device)
+        if problem:
+            raise EnvironmentProblem(f"--quantize {spec} needs bitsandbytes, which cannot run here: {problem}",
+                                     hint="install bitsandbytes>=0.45 or use --quantize none")
+    return spec
+
+
+def bitsandbytes_problem(device: torch.device | None = None) -> str | None:
+    """Why bitsandbytes cannot quantize here, or None when it can."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import bitsandbytes  # noqa: F401
+    except Exception as exc:  # a broken native library raises all sorts of errors
+        return f"{exc.__class__.__name__}: {exc}"
+    return None
+
+
+def memory_in_use() -> int:
+    """Resident memory of this process in bytes."""
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+@dataclass
+class LoadRecord:
+    component: str
+    seconds: float
+    rss_delta_bytes: int
+    parameters: int
+    detail: str = ""
+
+
+@dataclass
+class Runtime:
+    options: RuntimeOptions = field(default_factory=RuntimeOptions)
+    _model_dir: Path | None = None
+    _components: dict[str, Any] = field(default_factory=dict)
+    loads: list[LoadRecord] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        validate_options(self.options)
+
+    # ---- where and how ---------------------------------------------------------------------
+    @property
+    def model_dir(self) -> Path:
+        if self._model_dir is None:
+            self._model_dir = checkpoint.resolve_model(self.options.model)
+        return self._model_dir
+
+    @property
+    def variant(self) -> str:
+        if "variant" not in self._components:
+            self._components["variant"] = checkpoint.detect_variant(self.model_dir, self.options.variant)
+        return self._components["variant"]
+
+    @property
+    def device(self) -> torch.device:
+        if "device" not in self._components:
+            self._components["device"] = resolve_device(self.options.device)
+        return self._components["device"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        if "dtype" not in self._components:
+            self._components["dtype"] = resolve_dtype(self.options.dtype, self.device)
+        return self._components["dtype"]
+
+    def log(self, message: str) -> None:
+        if self.options.verbose:
+            print(f"mio: {message}", file=sys.stderr)
+
+    def _timed_load(self, name: str, loader: Any, detail: str = "") -> Any:
+        rss_before = memory_in_use()
+        start = time.perf_counter()
+        component = loader()
+        seconds = time.perf_counter() - start
+        parameters = _count_parameters(component)
+        record = LoadRecord(name, seconds, memory_in_use() - rss_before, parameters, detail)
+        self.loads.append(record)
+        self.log(
+            f"loaded {name}{f' ({detail})' if detail else ''} in {seconds:.2f} s, "
+            f"{parameters / 1e6:.1f} M parameters, +{record.rss_delta_bytes / 2**20:.0f} MiB resident"
+        )
+        return component
+
+    # ---- components ------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> MioTokenizer:
+        if "tokenizer" not in self._components:
+            from miocli.tokenizer import MioTokenizer
+
+            checkpoint.require_components(self.model_dir, [checkpoint.LLM])
+            self._components["tokenizer"] = self._timed_load(
+                "tokenizer", lambda: MioTokenizer.from_dir(self.model_dir)
+            )
+        return self._components["tokenizer"]
+
+    @property
+    def llm(self) -> Any:
+        if "llm" not in self._components:
+            checkpoint.require_components(self.model_dir, [checkpoint.LLM])
+            quantize = resolve_quantize(self.options.quantize, self.device)
+            self._components["llm"] = self._timed_load(
+                "llm", lambda: load_llm(self.model_dir, self.device, self.dtype, quantize),
+                detail=f"{self.device}, {str(self.dtype).replace('torch.', '')}, quantize={quantize}",
+            )
+        return self._components["llm"]
+
+    def loaded(self) -> list[str]:
+        return [r.component for r in self.loads]
+
+
+def _count_parameters(component: Any) -> int:
+    counter = getattr(component, "num_parameters", None)
+    if callable(counter):
+        try:
+            return int(counter())
+        except TypeError:
+            pass
+    parameters = getattr(component, "parameters", None)
+    if callable(parameters):
+        return sum(p.numel() for p in parameters())
+    return 0
+
+
+def load_llm(model_dir: Path, device: torch.device, dtype: torch.dtype, quantize: str) -> Any:
+    import torch
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    kwargs: dict[str, Any] = {"local_files_only": True}
+    if quantize in ("8bit", "4bit"):
+        from transformers import BitsAndBytesConfig
+
+        compute = dtype if dtype != torch.float32 else torch.bfloat16
+        if quantize == "4bit":
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute
+            )
+        else:
+            kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        dtype = compute
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=dtype, device_map={"": str(device)}, **kwargs
+            )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelError(f"cannot load the LLM from {model_dir}: {exc.__class__.__name__}: {exc}".splitlines()[0],
+                         hint="check the folder with `mio doctor`; re-download incomplete files") from exc
+    model.eval()
+    return model
