@@ -1,0 +1,483 @@
+"""Pixels from SEED image embeddings: Stable Diffusion 2.1 unCLIP driven by `image_embeds`.
+
+MIO turns 32 image tokens into one 1024-d unCLIP image embedding; this module turns that
+embedding into an RGB picture with the `stable-diffusion-2-1-unclip/` folder of the model
+directory, the way the reference does (empty prompt, noise level 0, guidance 10, 20 DDIM
+steps, 768x768, optional negative embedding).
+
+What is loaded: unet, vae, text_encoder + tokenizer (the empty prompt still conditions the
+UNet), scheduler, image_noising_scheduler and image_normalizer. What is not: image_encoder
+(the CLIP ViT-H, about 2.5 GB) and feature_extractor, which only turn a *picture* into an
+embedding, and MIO hands us the embedding. See docs/unclip.md.
+
+diffusers is imported lazily (inside `load`), so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+import json
+import logging
+import math
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from miocli.errors import EnvironmentProblem, ModelError, UsageError
+
+if TYPE_CHECKING:
+    import PIL.Image
+
+FOLDER_NAME = "stable-diffusion-2-1-unclip"
+PIPELINE_CLASS = "StableUnCLIPImg2ImgPipeline"
+EMBEDDING_DIM = 1024
+# The reference decodes with exactly these (MIO protocol §3 "Pixels").
+NOISE_LEVEL = 0
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 10.0
+DEFAULT_SIZE = 768
+
+_DIFFUSERS_WEIGHTS = "diffusion_pytorch_model"
+_WEIGHT_SUFFIXES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json")
+# Sub-folders the decoder reads, with their config file and the stem of their weights
+# (None: config only). image_encoder/ and feature_extractor/ are deliberately absent.
+_PARTS: dict[str, tuple[str, tuple[str, ...] | None]] = {
+    "unet": ("config.json", (_DIFFUSERS_WEIGHTS,)),
+    "vae": ("config.json", (_DIFFUSERS_WEIGHTS,)),
+    "image_normalizer": ("config.json", (_DIFFUSERS_WEIGHTS,)),
+    "text_encoder": ("config.json", ("model", "pytorch_model")),
+    "scheduler": ("scheduler_config.json", None),
+    "image_noising_scheduler": ("scheduler_config.json", None),
+}
+_GET_IT = (
+    "it ships with the MIO checkpoint; otherwise put a full copy of the Hugging Face repository "
+    "stabilityai/stable-diffusion-2-1-unclip there (image_encoder/ may be left out)"
+)
+
+ProgressFn = Callable[[int, int], None]
+
+
+class UnclipDecoder:
+    """SD 2.1 unCLIP img2img pipeline fed with ready-made image embeddings."""
+
+    def __init__(self, pipeline: Any, folder: Path) -> None:
+        # Use `load`; this takes an already assembled pipeline.
+        self.pipeline = pipeline
+        self.folder = folder
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(
+        cls, folder: Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> UnclipDecoder:
+        """Load from `<model dir>/stable-diffusion-2-1-unclip`, local files only.
+
+        fp32 is forced on CPU; on CUDA fp16 and bf16 are honoured.
+        """
+        folder = Path(folder)
+        torch_device, dtype = _resolve_device(device, dtype)
+        variants = _check_layout(folder)
+        with quiet_libraries():
+            parts = _load_parts(folder, variants, dtype)
+            pipeline = _pipeline_class()(feature_extractor=None, image_encoder=None, **parts)
+            pipeline.set_progress_bar_config(disable=True)
+            try:
+                pipeline.to(torch_device)
+            except torch.cuda.OutOfMemoryError as exc:
+                raise EnvironmentProblem(
+                    f"not enough memory on {torch_device} for the unCLIP decoder in {folder}",
+                    hint="use fp16/bf16, a larger GPU, or --device cpu",
+                ) from exc
+        return cls(pipeline, folder)
+
+    # ----------------------------------------------------------------- facts
+    @property
+    def device(self) -> torch.device:
+        return self.pipeline.unet.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pipeline.unet.dtype
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.pipeline.image_normalizer.config.embedding_dim)
+
+    @property
+    def size_multiple(self) -> int:
+        """Output sizes must be multiples of this (64 for the real model)."""
+        vae_factor = int(self.pipeline.vae_scale_factor)
+        # Each UNet level but the last halves the latent; an odd latent side breaks the skips.
+        unet_factor = 2 ** (len(self.pipeline.unet.config.block_out_channels) - 1)
+        # The pipeline itself insists on multiples of 8.
+        return math.lcm(8, vae_factor * unet_factor)
+
+    def num_parameters(self) -> int:
+        """Parameters held in memory: unet + vae + text_encoder + image_normalizer."""
+        p = self.pipeline
+        return sum(t.numel() for m in (p.unet, p.vae, p.text_encoder, p.image_normalizer) for t in m.parameters())
+
+    # ---------------------------------------------------------------- decoding
+    def decode(
+        self,
+        image_embeds: torch.Tensor,
+        *,
+        negative_embeds: torch.Tensor | None = None,
+        steps: int = DEFAULT_STEPS,
+        guidance: float = DEFAULT_GUIDANCE,
+        size: int = DEFAULT_SIZE,
+        seed: int | None = None,
+        progress: ProgressFn | None = None,
+    ) -> list[PIL.Image.Image]:
+        """One RGB `size`x`size` picture per row of `image_embeds` (b, 1024).
+
+        `negative_embeds` ((1, 1024) or (b, 1024)) replaces the all-zero unconditional
+        embedding of classifier-free guidance. `progress(step, total)` is called after each
+        denoising step, step counting from 1. Same seed, same embeddings, same device and
+        dtype: same pixels.
+        """
+        embeds = self._check_embeds(image_embeds, "image_embeds")
+        batch = embeds.shape[0]
+        negative = None
+        if negative_embeds is not None:
+            negative = self._check_embeds(negative_embeds, "negative_embeds")
+            if negative.shape[0] not in (1, batch):
+                raise ValueError(f"negative_embeds has {negative.shape[0]} rows; expected 1 or {batch}")
+            negative = negative.expand(batch, -1)
+        self._check_settings(steps, guidance, size)
+        if batch == 0:
+            return []
+
+        # A CPU generator gives the same starting noise on every device for a given seed.
+        generator = None if seed is None else torch.Generator(device="cpu").manual_seed(int(seed))
+        kwargs: dict[str, Any] = {}
+        if progress is not None:
+            kwargs.update(_progress_kwargs(self.pipeline, progress, steps))
+
+        pipe = self.pipeline
+        pipe._mio_negative_embeds = negative
+        try:
+            with quiet_libraries():
+                out = pipe(
+                    # One empty prompt per row: the text batch must match the embedding batch.
+                    prompt=[""] * batch,
+                    image_embeds=embeds,
+                    height=size,
+                    width=size,
+                    num_inference_steps=steps,
+                    guidance_scale=guidance,
+                    noise_level=NOISE_LEVEL,
+                    generator=generator,
+                    output_type="pil",
+                    **kwargs,
+                )
+        except torch.cuda.OutOfMemoryError as exc:
+            raise EnvironmentProblem(
+                f"out of memory decoding {batch} image(s) of {size}x{size} on {self.device}",
+                hint="decode fewer images at once or a smaller --size",
+            ) from exc
+        finally:
+            pipe._mio_negative_embeds = None
+        return [img.convert("RGB") for img in out.images]
+
+    def _check_embeds(self, embeds: torch.Tensor, name: str) -> torch.Tensor:
+        if not isinstance(embeds, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, not {type(embeds).__name__}")
+        if embeds.ndim == 1:
+            embeds = embeds.unsqueeze(0)
+        if embeds.ndim != 2:
+            raise ValueError(f"{name} must be (batch, {self.embedding_dim}), got {tuple(embeds.shape)}")
+        if embeds.shape[1] != self.embedding_dim:
+            raise ModelError(
+                f"{name} are {embeds.shape[1]}-d but the unCLIP decoder in {self.folder} takes "
+                f"{self.embedding_dim}-d embeddings",
+                hint="the SEED tokenizer and stable-diffusion-2-1-unclip folders do not belong together",
+            )
+        if not torch.isfinite(embeds).all():
+            raise ValueError(f"{name} contain NaN or infinite values")
+        return embeds.to(device=self.device, dtype=self.dtype)
+
+    def _check_settings(self, steps: int, guidance: float, size: int) -> None:
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise UsageError(f"the number of denoising steps must be a whole number >= 1, not {steps!r}")
+        if not math.isfinite(guidance) or guidance < 0:
+            raise UsageError(f"the guidance scale must be a finite number >= 0, not {guidance!r}")
+        multiple = self.size_multiple
+        if isinstance(size, bool) or not isinstance(size, int) or size < multiple or size % multiple:
+            nearest = max(multiple, round(size / multiple) * multiple) if isinstance(size, int) else DEFAULT_SIZE
+            raise UsageError(
+                f"image size {size!r} is not a positive multiple of {multiple}",
+                hint=f"use e.g. {nearest} (the reference uses {DEFAULT_SIZE})",
+            )
+
+
+# ------------------------------------------------------------------ pipeline
+@functools.cache
+def _pipeline_class() -> type:
+    """The diffusers pipeline with its image-encoding step replaced (built on first use)."""
+    from diffusers import StableUnCLIPImg2ImgPipeline
+
+    class EmbeddingOnlyUnclipPipeline(StableUnCLIPImg2ImgPipeline):
+        """StableUnCLIPImg2ImgPipeline that works without the CLIP image encoder.
+
+        Why the override: diffusers 0.42's `_encode_image` starts with
+        `next(self.image_encoder.parameters()).dtype` even when `image_embeds` is given, so
+        with `image_encoder=None` it crashes, and the only way to satisfy it stock is to
+        load the 2.5 GB ViT-H just to read its dtype. The stock method also hard-codes an
+        all-zero unconditional embedding, while the SEED/MIO reference lets a negative
+        embedding take that place. This replacement takes the dtype from the UNet (which
+        the embedding feeds) and uses `_mio_negative_embeds` when set. It is the only
+        place the pipeline touches image_encoder/feature_extractor on the embeds path.
+        """
+
+        _mio_negative_embeds: torch.Tensor | None = None
+
+        def _encode_image(
+            self,
+            image: Any,
+            device: torch.device,
+            batch_size: int,
+            num_images_per_prompt: int,
+            do_classifier_free_guidance: bool,
+            noise_level: Any,
+            generator: torch.Generator | None,
+            image_embeds: torch.Tensor | None,
+        ) -> torch.Tensor:
+            if image_embeds is None:
+                raise ValueError("this pipeline has no image encoder: pass image_embeds, not an image")
+            dtype = self.unet.dtype
+
+            def condition(embeds: torch.Tensor) -> torch.Tensor:
+                # Same noise augmentation as training (normalise, noise, un-normalise, append
+                # the noise-level embedding), then one row per requested image.
+                noised = self.noise_image_embeddings(
+                    image_embeds=embeds.to(device=device, dtype=dtype),
+                    noise_level=noise_level,
+                    generator=generator,
+                )
+                return noised.repeat_interleave(num_images_per_prompt, dim=0)
+
+            cond = condition(image_embeds)
+            if not do_classifier_free_guidance:
+                return cond
+            negative = self._mio_negative_embeds
+            # The positive embedding draws its noise first, then the negative: the order in
+            # which the reference consumes the generator, so seeded runs line up with it.
+            uncond = torch.zeros_like(cond) if negative is None else condition(negative)
+            return torch.cat([uncond, cond])
+
+    return EmbeddingOnlyUnclipPipeline
+
+
+def _progress_kwargs(pipeline: Any, progress: ProgressFn, total: int) -> dict[str, Any]:
+    done = 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        progress(done, total)
+
+    params = inspect.signature(pipeline.__call__).parameters
+    if "callback_on_step_end" in params:
+
+        def on_step_end(_pipe: Any, _i: int, _t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
+            tick()
+            return tensors
+
+        return {"callback_on_step_end": on_step_end}
+    # StableUnCLIPImg2ImgPipeline up to diffusers 0.42 only has the older per-step callback.
+    return {"callback": lambda _i, _t, _latents: tick(), "callback_steps": 1}
+
+
+# ------------------------------------------------------------- layout checks
+def _resolve_device(device: str | torch.device, dtype: torch.dtype) -> tuple[torch.device, torch.dtype]:
+    try:
+        torch_device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise UsageError(f"unknown device {device!r}", hint="use cpu, cuda or cuda:N") from exc
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise UsageError(f"unsupported dtype {dtype} for the unCLIP decoder", hint="use fp32, fp16 or bf16")
+    if torch_device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EnvironmentProblem(
+                "CUDA was asked for but this torch sees no CUDA device",
+                hint="use --device cpu, or install a CUDA build of torch",
+            )
+        if dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            raise EnvironmentProblem("this GPU does not support bf16", hint="use fp16")
+    elif torch_device.type == "cpu":
+        # Half-precision convolutions and attention on CPU are slow or missing: fp32 there.
+        dtype = torch.float32
+    return torch_device, dtype
+
+
+def _weights_variant(part_dir: Path, stems: tuple[str, ...]) -> str | None | bool:
+    """None: plain weights; "fp16": only fp16-variant weights; False: no weights at all."""
+    for stem in stems:
+        if any((part_dir / f"{stem}{suffix}").is_file() for suffix in _WEIGHT_SUFFIXES):
+            return None
+    for stem in stems:
+        if any(part_dir.glob(f"{stem}.fp16.*")) or any(part_dir.glob(f"{stem}.*.index.fp16.json")):
+            return "fp16"
+    return False
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {path}: {exc}", hint=f"the file is damaged; {_GET_IT}") from exc
+    if not isinstance(data, dict):
+        raise ModelError(f"{path} is not a JSON object", hint=f"the file is damaged; {_GET_IT}")
+    return data
+
+
+def _check_layout(folder: Path) -> dict[str, str | None]:
+    """Fail early, naming every missing piece; return the weights variant of each part."""
+    if not folder.is_dir():
+        raise ModelError(f"the unCLIP image decoder folder {folder} does not exist", hint=_GET_IT)
+    missing: list[str] = []
+    variants: dict[str, str | None] = {}
+    if not (folder / "model_index.json").is_file():
+        missing.append("model_index.json")
+    for part, (config_name, stems) in _PARTS.items():
+        part_dir = folder / part
+        if not part_dir.is_dir():
+            missing.append(f"{part}/")
+            continue
+        if not (part_dir / config_name).is_file():
+            missing.append(f"{part}/{config_name}")
+        if stems is not None:
+            variant = _weights_variant(part_dir, stems)
+            if variant is False:
+                missing.append(f"{part}/{stems[0]}.safetensors")
+            else:
+                variants[part] = variant
+    tok = folder / "tokenizer"
+    if not tok.is_dir():
+        missing.append("tokenizer/")
+    elif not (tok / "tokenizer.json").is_file():
+        missing += [f"tokenizer/{n}" for n in ("vocab.json", "merges.txt") if not (tok / n).is_file()]
+    if missing:
+        raise ModelError(
+            f"the unCLIP image decoder folder {folder} is incomplete: missing {', '.join(missing)}",
+            hint=_GET_IT,
+        )
+
+    index = _read_json(folder / "model_index.json")
+    if index.get("_class_name") != PIPELINE_CLASS:
+        raise ModelError(
+            f"{folder} holds a {index.get('_class_name')!r} pipeline, not {PIPELINE_CLASS}",
+            hint="MIO needs stabilityai/stable-diffusion-2-1-unclip (the image-variation unCLIP)",
+        )
+    unet = _read_json(folder / "unet" / "config.json")
+    normalizer = _read_json(folder / "image_normalizer" / "config.json")
+    text = _read_json(folder / "text_encoder" / "config.json")
+    emb_dim = normalizer.get("embedding_dim")
+    if (
+        emb_dim != EMBEDDING_DIM
+        or unet.get("class_embed_type") != "projection"
+        or (unet.get("projection_class_embeddings_input_dim") != 2 * EMBEDDING_DIM)
+    ):
+        raise ModelError(
+            f"{folder} is an unCLIP decoder for {emb_dim}-d image embeddings; MIO's are {EMBEDDING_DIM}-d",
+            hint="use stable-diffusion-2-1-unclip (ViT-H), not stable-diffusion-2-1-unclip-small (ViT-L)",
+        )
+    text_width = text.get("hidden_size", text.get("text_config", {}).get("hidden_size"))
+    if unet.get("cross_attention_dim") != text_width:
+        raise ModelError(
+            f"in {folder}, unet/ expects {unet.get('cross_attention_dim')}-d text features but "
+            f"text_encoder/ makes {text_width}-d ones",
+            hint=f"the sub-folders come from different models; {_GET_IT}",
+        )
+    return variants
+
+
+def _load_parts(folder: Path, variants: dict[str, str | None], dtype: torch.dtype) -> dict[str, Any]:
+    import diffusers
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.pipelines.stable_diffusion.stable_unclip_image_normalizer import (
+        StableUnCLIPImageNormalizer,
+    )
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    def load(part: str, fn: Callable[..., Any], **kwargs: Any) -> Any:
+        try:
+            return fn(folder / part, local_files_only=True, **kwargs)
+        except Exception as exc:  # any failure here is a bad file: name the part, keep the cause
+            raise ModelError(f"cannot load {folder / part}: {exc}", hint=f"the files look damaged; {_GET_IT}") from exc
+
+    def scheduler(part: str) -> Any:
+        name = _read_json(folder / part / "scheduler_config.json").get("_class_name")
+        cls = getattr(diffusers, str(name), None)
+        if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+            raise ModelError(f"{folder / part} names an unknown scheduler {name!r}", hint=_GET_IT)
+        return load(part, cls.from_pretrained)
+
+    def weights(part: str) -> dict[str, Any]:
+        return {"variant": variants[part]} if variants.get(part) else {}
+
+    return {
+        "unet": load("unet", UNet2DConditionModel.from_pretrained, torch_dtype=dtype, **weights("unet")),
+        "vae": load("vae", AutoencoderKL.from_pretrained, torch_dtype=dtype, **weights("vae")),
+        "image_normalizer": load(
+            "image_normalizer",
+            StableUnCLIPImageNormalizer.from_pretrained,
+            torch_dtype=dtype,
+            **weights("image_normalizer"),
+        ),
+        "text_encoder": load("text_encoder", CLIPTextModel.from_pretrained, dtype=dtype, **weights("text_encoder")),
+        "tokenizer": load("tokenizer", CLIPTokenizer.from_pretrained),
+        "scheduler": scheduler("scheduler"),
+        "image_noising_scheduler": scheduler("image_noising_scheduler"),
+    }
+
+
+# ------------------------------------------------------------------- quiet
+_NOISY_LOGGERS = ("bitsandbytes",)
+
+
+@contextlib.contextmanager
+def quiet_libraries() -> Iterator[None]:
+    """Silence library chatter that the user cannot act on, for the duration only.
+
+    diffusers/transformers log notices (deprecations of their own internals, progress
+    bars while writing shards), and importing bitsandbytes through them logs a warning
+    about an optional kernels package. Real errors still raise.
+    """
+    saved_levels = {name: logging.getLogger(name).level for name in _NOISY_LOGGERS}
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    import diffusers.utils.logging as dlog
+    import transformers.utils.logging as tlog
+
+    saved = (
+        dlog.get_verbosity(),
+        tlog.get_verbosity(),
+        dlog.is_progress_bar_enabled(),
+        tlog.is_progress_bar_enabled(),
+    )
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            for category in (FutureWarning, DeprecationWarning):
+                warnings.filterwarnings("ignore", category=category, module=r"(diffusers|transformers|torch)\b")
+            yield
+    finally:
+        dlog.set_verbosity(saved[0])
+        tlog.set_verbosity(saved[1])
+        if saved[2]:
+            dlog.enable_progress_bar()
+        if saved[3]:
+            tlog.enable_progress_bar()
+        for name, level in saved_levels.items():
+            logging.getLogger(name).setLevel(level)
