@@ -419,6 +419,429 @@ def demo(
     guarded(debug, body)
 
 
+# ---- media tasks ------------------------------------------------------------------------------
+RecursiveOpt = Annotated[bool, typer.Option("--recursive", "-r", help="Walk folders recursively.")]
+StepsOpt = Annotated[int, typer.Option("--steps", help="Diffusion steps.", rich_help_panel="Pixels")]
+GuidanceOpt = Annotated[float, typer.Option("--guidance", help="Guidance scale.", rich_help_panel="Pixels")]
+SizeOpt = Annotated[int, typer.Option("--size", help="Output side in pixels.", rich_help_panel="Pixels")]
+
+
+def _open_output(output_dir: Path | None, overwrite: bool, skip_existing: bool) -> Any:
+    if overwrite and skip_existing:
+        raise UsageError("--overwrite and --skip-existing contradict each other")
+    if output_dir is None:
+        return None
+    from miocli.outputs import OutputDir
+
+    return OutputDir(output_dir, overwrite=overwrite, skip_existing=skip_existing)
+
+
+def _run_task(task_name: str, jobs_for: Callable[[Any], list[Any]], *, model: str | None, variant: str | None,
+              device: str, dtype: str, quantize: str, verbose: bool, options: Any, output_dir: Path | None,
+              overwrite: bool, skip_existing: bool, as_json: bool, show_prompt: bool, pixel: Any = None) -> int:
+    from miocli.batch import BatchSettings, run_jobs
+    from miocli.tasks import TASKS
+
+    task = TASKS[task_name]
+    mio = make_mio(model, variant, device, dtype, quantize, verbose)
+    jobs = jobs_for(mio.runtime)
+    if show_prompt:
+        from miocli.pipeline import Prompt, task_prompt_text
+
+        for job in jobs:
+            media = job.load_media() if job.load_media else []
+            images, speeches = job.media_strings(media) if job.media_strings else ([], [])
+            text = task_prompt_text(task, mio.variant, job.fields, len(images) or len(speeches))
+            if as_json:
+                emit_json({"prompt": text, "input_ids": mio.prompt_ids(Prompt(text, images, speeches))})
+            else:
+                print_prompt(mio, text, False)
+        return 0
+    out = _open_output(output_dir, overwrite, skip_existing)
+    settings = BatchSettings(out=out, as_json=as_json, show_names=len(jobs) > 1)
+    if pixel is not None:
+        settings.pixel = pixel
+    failures = run_jobs(mio, task, jobs, settings, options)
+    return 1 if failures else 0
+
+
+def _image_jobs(paths: list[str], recursive: bool, task_name: str, fields: dict[str, str]) -> Callable[[Any], list]:
+    def build(runtime: Any) -> list[Any]:
+        from miocli.batch import expand_inputs, image_job
+        from miocli.tasks import IMAGE, TASKS
+
+        return [image_job(p, TASKS[task_name], fields, runtime) for p in expand_inputs(paths, IMAGE, recursive)]
+
+    return build
+
+
+def _audio_jobs(paths: list[str], recursive: bool, fields: dict[str, str]) -> Callable[[Any], list]:
+    def build(runtime: Any) -> list[Any]:
+        from miocli.batch import audio_job, expand_inputs
+        from miocli.tasks import AUDIO
+
+        return [audio_job(p, fields, runtime) for p in expand_inputs(paths, AUDIO, recursive)]
+
+    return build
+
+
+def _text_jobs(texts: list[str], field_name: str) -> Callable[[Any], list]:
+    def build(runtime: Any) -> list[Any]:
+        from miocli.batch import Job
+        from miocli.outputs import slug
+
+        return [Job(name=t, stem=f"{i + 1:03d}-{slug(t, 30)}", fields={field_name: t}) for i, t in enumerate(texts)]
+
+    return build
+
+
+@app.command()
+def caption(
+    images: Annotated[list[str], typer.Argument(help="Image files, folders, globs, or '-' (paths on stdin).")],
+    recursive: RecursiveOpt = False,
+    model: ModelOpt = None, variant: VariantOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "auto", verbose: VerboseOpt = False, debug: DebugOpt = False,
+    beams: BeamsOpt = None, sample: SampleOpt = None, temperature: TemperatureOpt = None, top_p: TopPOpt = None,
+    repetition_penalty: RepetitionOpt = None, max_new_tokens: MaxNewOpt = None, seed: SeedOpt = None,
+    batch_size: BatchOpt = 8, constrain: ConstrainOpt = True, as_json: JsonOpt = False,
+    show_prompt: PrintPromptOpt = False, output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False,
+    skip_existing: SkipExistingOpt = False,
+) -> None:
+    """Describe images (folders are captioned in batches with one model load)."""
+
+    def body() -> int:
+        options = generation_options(beams, sample, temperature, top_p, repetition_penalty, max_new_tokens, seed,
+                                     batch_size, constrain)
+        return _run_task("caption", _image_jobs(images, recursive, "caption", {}), model=model, variant=variant,
+                         device=device, dtype=dtype, quantize=quantize, verbose=verbose, options=options,
+                         output_dir=output_dir, overwrite=overwrite, skip_existing=skip_existing, as_json=as_json,
+                         show_prompt=show_prompt)
+
+    guarded(debug, body)
+
+
+@app.command()
+def ask(
+    media: Annotated[str, typer.Argument(help="An image or audio file.")],
+    question: Annotated[str, typer.Argument(help="The question or instruction.")],
+    model: ModelOpt = None, variant: VariantOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "auto", verbose: VerboseOpt = False, debug: DebugOpt = False,
+    beams: BeamsOpt = None, sample: SampleOpt = None, temperature: TemperatureOpt = None, top_p: TopPOpt = None,
+    repetition_penalty: RepetitionOpt = None, max_new_tokens: MaxNewOpt = None, seed: SeedOpt = None,
+    constrain: ConstrainOpt = True, as_json: JsonOpt = False, show_prompt: PrintPromptOpt = False,
+) -> None:
+    """Ask about an image or a recording."""
+
+    def body() -> int:
+        from miocli.batch import EXTENSIONS
+        from miocli.tasks import AUDIO
+
+        text = read_text_argument(question, "question")
+        options = generation_options(beams, sample, temperature, top_p, repetition_penalty, max_new_tokens, seed,
+                                     1, constrain)
+        if Path(media).suffix.lower() in EXTENSIONS[AUDIO]:
+            jobs = _audio_jobs([media], False, {"instruction": text})
+            task_name = "ask-audio"
+        else:
+            jobs = _image_jobs([media], False, "ask-image", {"question": text})
+            task_name = "ask-image"
+        return _run_task(task_name, jobs, model=model, variant=variant, device=device, dtype=dtype,
+                         quantize=quantize, verbose=verbose, options=options, output_dir=None, overwrite=False,
+                         skip_existing=False, as_json=as_json, show_prompt=show_prompt)
+
+    guarded(debug, body)
+
+
+@app.command()
+def imagine(
+    prompts: Annotated[list[str], typer.Argument(help="What to draw ('-' reads one per line from stdin).")],
+    count: Annotated[int, typer.Option("-n", "--count", help="Images per prompt.")] = 1,
+    output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False, skip_existing: SkipExistingOpt = False,
+    steps: StepsOpt = 20, guidance: GuidanceOpt = 10.0, size: SizeOpt = 768,
+    model: ModelOpt = None, variant: VariantOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "auto", verbose: VerboseOpt = False, debug: DebugOpt = False,
+    beams: BeamsOpt = None, sample: SampleOpt = None, temperature: TemperatureOpt = None, top_p: TopPOpt = None,
+    repetition_penalty: RepetitionOpt = None, max_new_tokens: MaxNewOpt = None, seed: SeedOpt = None,
+    batch_size: BatchOpt = 1, constrain: ConstrainOpt = True, as_json: JsonOpt = False,
+    show_prompt: PrintPromptOpt = False,
+) -> None:
+    """Generate images from text: SEED tokens from the LLM, pixels from unCLIP."""
+
+    def body() -> int:
+        from miocli.mediatokens import PixelOptions
+
+        if count < 1:
+            raise UsageError("-n must be at least 1")
+        texts = _expand_text_inputs(prompts, "prompt")
+        # Several images of one prompt need different samples: sampling is switched on unless told otherwise.
+        wanted_sample = sample if sample is not None else (True if count > 1 else None)
+        options = generation_options(beams, wanted_sample, temperature, top_p, repetition_penalty, max_new_tokens,
+                                     seed, batch_size, constrain)
+        repeated = [t for t in texts for _ in range(count)]
+
+        def jobs(runtime: Any) -> list[Any]:
+            built = _text_jobs(repeated, "caption")(runtime)
+            if count > 1:
+                for i, job in enumerate(built):
+                    job.stem = f"{job.stem}-{i % count + 1}"
+            return built
+
+        return _run_task("imagine", jobs, model=model, variant=variant, device=device, dtype=dtype,
+                         quantize=quantize, verbose=verbose, options=options, output_dir=output_dir,
+                         overwrite=overwrite, skip_existing=skip_existing, as_json=as_json, show_prompt=show_prompt,
+                         pixel=PixelOptions(steps=steps, guidance=guidance, size=size, seed=seed))
+
+    guarded(debug, body)
+
+
+@app.command()
+def edit(
+    image: Annotated[str, typer.Argument(help="The image to edit.")],
+    instruction: Annotated[str, typer.Argument(help="What to change.")],
+    output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False,
+    template: Annotated[str | None, typer.Option("--template", help="User turn template with {media} and "
+                                                    "{instruction}.")] = None,
+    steps: StepsOpt = 20, guidance: GuidanceOpt = 10.0, size: SizeOpt = 768,
+    model: ModelOpt = None, variant: VariantOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "auto", verbose: VerboseOpt = False, debug: DebugOpt = False,
+    beams: BeamsOpt = None, sample: SampleOpt = None, temperature: TemperatureOpt = None, top_p: TopPOpt = None,
+    repetition_penalty: RepetitionOpt = None, max_new_tokens: MaxNewOpt = None, seed: SeedOpt = None,
+    constrain: ConstrainOpt = True, as_json: JsonOpt = False, show_prompt: PrintPromptOpt = False,
+) -> None:
+    """Edit an image following an instruction (the answer is pre-filled with <image>)."""
+
+    def body() -> int:
+        from dataclasses import replace
+
+        from miocli.mediatokens import PixelOptions
+        from miocli.tasks import TASKS
+
+        text = read_text_argument(instruction, "instruction")
+        if template is not None:
+            if "{media}" not in template or "{instruction}" not in template:
+                raise UsageError("--template needs both {media} and {instruction}")
+            TASKS["edit"] = replace(TASKS["edit"], instruct=template)
+        options = generation_options(beams, sample, temperature, top_p, repetition_penalty, max_new_tokens, seed,
+                                     1, constrain)
+        return _run_task("edit", _image_jobs([image], False, "edit", {"instruction": text}), model=model,
+                         variant=variant, device=device, dtype=dtype, quantize=quantize, verbose=verbose,
+                         options=options, output_dir=output_dir, overwrite=overwrite, skip_existing=False,
+                         as_json=as_json, show_prompt=show_prompt,
+                         pixel=PixelOptions(steps=steps, guidance=guidance, size=size, seed=seed))
+
+    guarded(debug, body)
+
+
+@app.command()
+def tokenize(
+    media: Annotated[str, typer.Argument(help="An image or audio file.")],
+    with_timbre: Annotated[bool, typer.Option("--with-timbre", help="Audio: all four layers (content + "
+                                              "timbre), as MIO writes its own speech.")] = False,
+    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", verbose: VerboseOpt = False,
+    as_json: JsonOpt = False, debug: DebugOpt = False,
+) -> None:
+    """Print the token string of an image (<image>…</image>) or a recording (<spch>…</spch>)."""
+
+    def body() -> int:
+        from miocli import mediatokens
+        from miocli.batch import EXTENSIONS
+        from miocli.tasks import AUDIO
+
+        mio = make_mio(model, None, device, dtype, "none", verbose)
+        path = Path(media)
+        if path.suffix.lower() in EXTENSIONS[AUDIO]:
+            from miocli.media.audio import read_audio
+
+            text = mediatokens.speech_string(mio.runtime, read_audio(path), with_timbre)
+        else:
+            from miocli.media.image import load_image
+
+            text = mediatokens.image_strings(mio.runtime, [load_image(path)])[0]
+        if as_json:
+            emit_json({"input": media, "tokens": text})
+        else:
+            print(text)
+        return 0
+
+    guarded(debug, body)
+
+
+@app.command()
+def detokenize(
+    tokens: Annotated[str, typer.Argument(help="A token string, a file holding one, or '-' for stdin.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The file to write (.png/.jpg, .wav/.flac, "
+                                         "or .npy with --embeddings-only).")],
+    embeddings_only: Annotated[bool, typer.Option("--embeddings-only", help="Images: write the (n, 1024) "
+                                                  "unCLIP embeddings as .npy, no diffusion.")] = False,
+    overwrite: OverwriteOpt = False, steps: StepsOpt = 20, guidance: GuidanceOpt = 10.0, size: SizeOpt = 768,
+    seed: SeedOpt = None,
+    model: ModelOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto", verbose: VerboseOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Turn <image>…</image> or <spch>…</spch> token strings back into a file."""
+
+    def body() -> int:
+        from miocli import mediatokens, protocol
+        from miocli.outputs import atomic_write
+
+        if tokens == "-":
+            text = sys.stdin.read()
+        elif tokens.lstrip().startswith("<"):
+            text = tokens
+        else:
+            text = _read_file(tokens)
+        parsed = protocol.parse_output(text, extract=False)
+        for problem in parsed.problems:
+            err(f"mio: warning: malformed {problem.kind} segment: {problem.reason}")
+        if output.exists() and not overwrite:
+            raise InputError(f"{output} already exists", hint="pass --overwrite to replace it")
+        mio = make_mio(model, None, device, dtype, "none", verbose)
+        if parsed.images:
+            ids = [segment.ids for segment in parsed.images]
+            if embeddings_only:
+                import numpy as np
+
+                embeds = mediatokens.image_embeddings(mio.runtime, ids).numpy().astype("float32")
+                def save(tmp: Path) -> None:
+                    # np.save on a path appends ".npy" to a temporary name: hand it a file instead.
+                    with open(tmp, "wb") as handle:
+                        np.save(handle, embeds, allow_pickle=False)
+
+                atomic_write(output, save)
+            else:
+                pixel = mediatokens.PixelOptions(steps=steps, guidance=guidance, size=size, seed=seed)
+                images = mediatokens.images_from_ids(mio.runtime, ids, pixel)
+                fmt = "JPEG" if output.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+                atomic_write(output, lambda tmp: images[0].save(tmp, format=fmt))
+                for index, image in enumerate(images[1:], start=2):
+                    extra = output.with_name(f"{output.stem}-{index}{output.suffix}")
+                    atomic_write(extra, lambda tmp, image=image: image.save(tmp, format=fmt))
+        elif parsed.speeches:
+            from miocli.media.audio import write_audio
+
+            wave = mediatokens.speech_from_codes(mio.runtime, parsed.speeches[0].codes)
+            fmt = output.suffix.lower().lstrip(".") or "wav"
+            atomic_write(output, lambda tmp: write_audio(tmp, wave, 16000, format=fmt))
+        else:
+            raise UsageError("no complete <image>…</image> or <spch>…</spch> segment in the input")
+        print(output)
+        return 0
+
+    guarded(debug, body)
+
+
+@app.command()
+def asr(
+    audio: Annotated[list[str], typer.Argument(help="Audio files, folders, globs, or '-' (paths on stdin).")],
+    recursive: RecursiveOpt = False,
+    model: ModelOpt = None, variant: VariantOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "auto", verbose: VerboseOpt = False, debug: DebugOpt = False,
+    beams: BeamsOpt = None, sample: SampleOpt = None, temperature: TemperatureOpt = None, top_p: TopPOpt = None,
+    repetition_penalty: RepetitionOpt = None, max_new_tokens: MaxNewOpt = None, seed: SeedOpt = None,
+    batch_size: BatchOpt = 1, constrain: ConstrainOpt = True, as_json: JsonOpt = False,
+    show_prompt: PrintPromptOpt = False, output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False,
+    skip_existing: SkipExistingOpt = False,
+) -> None:
+    """Transcribe speech."""
+
+    def body() -> int:
+        options = generation_options(beams, sample, temperature, top_p, repetition_penalty, max_new_tokens, seed,
+                                     batch_size, constrain)
+        return _run_task("asr", _audio_jobs(audio, recursive, {}), model=model, variant=variant, device=device,
+                         dtype=dtype, quantize=quantize, verbose=verbose, options=options, output_dir=output_dir,
+                         overwrite=overwrite, skip_existing=skip_existing, as_json=as_json, show_prompt=show_prompt)
+
+    guarded(debug, body)
+
+
+def _speech_out_command(task_name: str, field_name: str, texts: list[str], *, model: str | None,
+                        variant: str | None, device: str, dtype: str, quantize: str, verbose: bool, options: Any,
+                        output_dir: Path | None, overwrite: bool, skip_existing: bool, as_json: bool,
+                        show_prompt: bool) -> int:
+    return _run_task(task_name, _text_jobs(texts, field_name), model=model, variant=variant, device=device,
+                     dtype=dtype, quantize=quantize, verbose=verbose, options=options, output_dir=output_dir,
+                     overwrite=overwrite, skip_existing=skip_existing, as_json=as_json, show_prompt=show_prompt)
+
+
+@app.command()
+def tts(
+    texts: Annotated[list[str] | None, typer.Argument(help="Text to speak ('-' reads one per line).")] = None,
+    text_file: Annotated[Path | None, typer.Option("--text-file", help="One utterance per line.")] = None,
+    output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False, skip_existing: SkipExistingOpt = False,
+    model: ModelOpt = None, variant: VariantOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "auto", verbose: VerboseOpt = False, debug: DebugOpt = False,
+    beams: BeamsOpt = None, sample: SampleOpt = None, temperature: TemperatureOpt = None, top_p: TopPOpt = None,
+    repetition_penalty: RepetitionOpt = None, max_new_tokens: MaxNewOpt = None, seed: SeedOpt = None,
+    batch_size: BatchOpt = 1, constrain: ConstrainOpt = True, as_json: JsonOpt = False,
+    show_prompt: PrintPromptOpt = False,
+) -> None:
+    """Speak text: one wav per utterance."""
+
+    def body() -> int:
+        values = list(texts or [])
+        if text_file is not None:
+            values.extend(line for line in _read_file(str(text_file)).splitlines() if line.strip())
+        if not values:
+            raise UsageError("nothing to say", hint="give text, '-' for stdin, or --text-file FILE")
+        options = generation_options(beams, sample, temperature, top_p, repetition_penalty, max_new_tokens, seed,
+                                     batch_size, constrain)
+        return _speech_out_command("tts", "text", _expand_text_inputs(values, "text"), model=model,
+                                   variant=variant, device=device, dtype=dtype, quantize=quantize, verbose=verbose,
+                                   options=options, output_dir=output_dir, overwrite=overwrite,
+                                   skip_existing=skip_existing, as_json=as_json, show_prompt=show_prompt)
+
+    guarded(debug, body)
+
+
+@app.command()
+def speak(
+    questions: Annotated[list[str], typer.Argument(help="Questions to answer out loud.")],
+    output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False, skip_existing: SkipExistingOpt = False,
+    model: ModelOpt = None, variant: VariantOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "auto", verbose: VerboseOpt = False, debug: DebugOpt = False,
+    beams: BeamsOpt = None, sample: SampleOpt = None, temperature: TemperatureOpt = None, top_p: TopPOpt = None,
+    repetition_penalty: RepetitionOpt = None, max_new_tokens: MaxNewOpt = None, seed: SeedOpt = None,
+    batch_size: BatchOpt = 1, constrain: ConstrainOpt = True, as_json: JsonOpt = False,
+    show_prompt: PrintPromptOpt = False,
+) -> None:
+    """Answer questions with speech (voice mode)."""
+
+    def body() -> int:
+        options = generation_options(beams, sample, temperature, top_p, repetition_penalty, max_new_tokens, seed,
+                                     batch_size, constrain)
+        return _speech_out_command("speak", "question", _expand_text_inputs(questions, "question"), model=model,
+                                   variant=variant, device=device, dtype=dtype, quantize=quantize, verbose=verbose,
+                                   options=options, output_dir=output_dir, overwrite=overwrite,
+                                   skip_existing=skip_existing, as_json=as_json, show_prompt=show_prompt)
+
+    guarded(debug, body)
+
+
+@app.command()
+def speech2speech(
+    audio: Annotated[list[str], typer.Argument(help="Recordings to answer with speech.")],
+    recursive: RecursiveOpt = False,
+    output_dir: OutputDirOpt = None, overwrite: OverwriteOpt = False, skip_existing: SkipExistingOpt = False,
+    model: ModelOpt = None, variant: VariantOpt = None, device: DeviceOpt = "auto", dtype: DtypeOpt = "auto",
+    quantize: QuantizeOpt = "auto", verbose: VerboseOpt = False, debug: DebugOpt = False,
+    beams: BeamsOpt = None, sample: SampleOpt = None, temperature: TemperatureOpt = None, top_p: TopPOpt = None,
+    repetition_penalty: RepetitionOpt = None, max_new_tokens: MaxNewOpt = None, seed: SeedOpt = None,
+    batch_size: BatchOpt = 1, constrain: ConstrainOpt = True, as_json: JsonOpt = False,
+    show_prompt: PrintPromptOpt = False,
+) -> None:
+    """Answer spoken input with speech."""
+
+    def body() -> int:
+        options = generation_options(beams, sample, temperature, top_p, repetition_penalty, max_new_tokens, seed,
+                                     batch_size, constrain)
+        return _run_task("speech2speech", _audio_jobs(audio, recursive, {}), model=model, variant=variant,
+                         device=device, dtype=dtype, quantize=quantize, verbose=verbose, options=options,
+                         output_dir=output_dir, overwrite=overwrite, skip_existing=skip_existing, as_json=as_json,
+                         show_prompt=show_prompt)
+
+    guarded(debug, body)
+
+
 def main(argv: list[str] | None = None) -> None:
     app(args=argv, prog_name="mio")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,9 +20,30 @@ def _fresh_folder(requested: Path | None) -> Path:
     return candidate
 
 
+def _demo_media(folder: Path) -> tuple[Path, Path]:
+    """A synthetic picture and a two-tone recording to feed the media tasks."""
+    import numpy as np
+    import soundfile
+    from PIL import Image
+
+    grid = np.indices((96, 128)).sum(axis=0) % 32 < 16
+    picture = np.stack([grid * 220, np.linspace(0, 255, 128)[None, :].repeat(96, 0), (~grid) * 180], axis=-1)
+    image_path = folder / "inputs" / "pattern.png"
+    image_path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(picture.astype("uint8")).save(image_path)
+    t = np.arange(16000 * 2) / 16000
+    wave = 0.3 * np.sin(2 * np.pi * 220 * t) + 0.2 * np.sin(2 * np.pi * 440 * t) * (t > 1)
+    audio_path = folder / "inputs" / "tones.wav"
+    soundfile.write(audio_path, wave.astype("float32"), 16000)
+    return image_path, audio_path
+
+
 def run_demo(output_dir: Path | None, *, verbose: bool = False) -> int:
     from miocli.api import GenerationOptions, Mio
+    from miocli.batch import BatchSettings, Job, audio_job, image_job, run_jobs
+    from miocli.mediatokens import PixelOptions
     from miocli.outputs import OutputDir
+    from miocli.tasks import TASKS
     from miocli.tiny import ensure_tiny_checkpoint
 
     def say(message: str) -> None:
@@ -34,21 +54,38 @@ def run_demo(output_dir: Path | None, *, verbose: bool = False) -> int:
     model_dir = ensure_tiny_checkpoint("instruct")
     say(f"tiny checkpoint ready at {model_dir} ({time.perf_counter() - start:.1f} s)")
     out = OutputDir(_fresh_folder(output_dir))
-    options = GenerationOptions(max_new_tokens=24, seed=0)
-    results: list[tuple[str, str]] = []
+    image_path, audio_path = _demo_media(out.path)
+    options = GenerationOptions(max_new_tokens=24, seed=0, beams=1)
+    speech_options = GenerationOptions(max_new_tokens=60, seed=0, beams=1)
+    image_options = GenerationOptions(max_new_tokens=40, seed=0, beams=1)
 
     instruct = Mio(str(model_dir), device="cpu", verbose=verbose)
     reply = instruct.chat("What is the capital of France?", options=options)
-    results.append(("chat", reply.text))
-
+    results: list[tuple[str, str]] = [("chat", reply.text)]
     base = Mio(str(model_dir), variant="base", device="cpu", verbose=verbose)
     (generated,) = base.generate("Question: what is in the picture? Answer:", options)
     results.append(("generate", generated.text))
-
     for task, text in results:
         path = out.target(f"{task}.txt")
         atomic_write_text(path, text + "\n")
-        out.add_record({"task": task, "text": text, "files": [str(path)]})
-        print(f"{task}: {json.dumps(text, ensure_ascii=False)[:100]}")
-    say(f"outputs written to {out.path.resolve()} in {time.perf_counter() - start:.1f} s")
-    return 0
+        out.add_record({"task": task, "text": text, "files": [str(path.name)]})
+
+    settings = BatchSettings(out=out, as_json=False, pixel=PixelOptions(steps=2, size=64, seed=0))
+    runtime = instruct.runtime
+    runs = [
+        ("caption", [image_job(image_path, TASKS["caption"], {}, runtime)], options),
+        ("ask-image", [image_job(image_path, TASKS["ask-image"], {"question": "What colour is it?"}, runtime)],
+         options),
+        ("imagine", [Job(name="a red kite", stem="kite", fields={"caption": "a red kite"})], image_options),
+        ("edit", [image_job(image_path, TASKS["edit"], {"instruction": "make it blue"}, runtime)], image_options),
+        ("asr", [audio_job(audio_path, {}, runtime)], options),
+        ("ask-audio", [audio_job(audio_path, {"instruction": "What is this sound?"}, runtime)], options),
+        ("tts", [Job(name="hello world", stem="hello", fields={"text": "hello world"})], speech_options),
+        ("speak", [Job(name="say hi", stem="hi", fields={"question": "Say hi."})], speech_options),
+    ]
+    failures = 0
+    for task_name, jobs, task_options in runs:
+        say(f"running {task_name}")
+        failures += run_jobs(instruct, TASKS[task_name], jobs, settings, task_options)
+    say(f"outputs (and manifest.jsonl) written to {out.path.resolve()} in {time.perf_counter() - start:.1f} s")
+    return 1 if failures else 0

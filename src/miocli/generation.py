@@ -151,13 +151,14 @@ class SegmentConstraint:
         self._states: dict[bytes, SegmentState] = {}
         self._masks: dict[str, torch.Tensor] = {}
 
-    def _mask(self, name: str, ids: Sequence[int], device: torch.device, width: int) -> torch.Tensor:
+    def _mask(self, name: str, ids: Callable[[], Sequence[int]], device: torch.device, width: int) -> torch.Tensor:
+        """A cached boolean mask over the vocabulary; `ids` is only called on a cache miss."""
         key = f"{name}:{device}:{width}"
         if key not in self._masks:
             import torch
 
             mask = torch.zeros(width, dtype=torch.bool, device=device)
-            mask[torch.tensor([i for i in ids if i < width], dtype=torch.long, device=device)] = True
+            mask[torch.tensor([i for i in ids() if i < width], dtype=torch.long, device=device)] = True
             self._masks[key] = mask
         return self._masks[key]
 
@@ -201,43 +202,47 @@ class SegmentConstraint:
         v = self.vocab
         remaining = self.max_new_tokens - generated
         if not state.started and self.force_first is not None:
-            return self._mask(f"only{self.force_first}", [self.force_first], device, width)
+            return self._mask(f"only{self.force_first}", lambda: [self.force_first], device, width)
         if state.where == IMAGE:
             if state.count < protocol.IMAGE_TOKENS_PER_IMAGE:
-                return self._mask("img", v.image_ids, device, width)
-            return self._mask("img_end", [v.image_end], device, width)
+                return self._mask("img", lambda: v.image_ids, device, width)
+            return self._mask("img_end", lambda: [v.image_end], device, width)
         if state.where == SPEECH:
             return self._speech_allowed(state, remaining, device, width)
         # Opening a segment needs room to close it: 34 tokens for an image, 6 for the shortest speech.
         image_ok = self.allow_images and remaining >= protocol.IMAGE_TOKENS_PER_IMAGE + 2
         speech_ok = self.allow_speech and remaining >= 2 + protocol.SPEECH_LAYERS_IN_OUTPUT
         key = f"text_allowed:{image_ok}:{speech_ok}"
-        media = set(v.image_ids) | {v.image_end, v.speech_end} | set(v.speech_part_of)
-        if not image_ok:
-            media.add(v.image_begin)
-        if not speech_ok:
-            media.add(v.speech_begin)
-        return ~self._mask(key, sorted(media), device, width)
+
+        def allowed_ids() -> list[int]:
+            banned = set(v.image_ids) | {v.image_end, v.speech_end} | set(v.speech_part_of)
+            if not image_ok:
+                banned.add(v.image_begin)
+            if not speech_ok:
+                banned.add(v.speech_begin)
+            return [i for i in range(width) if i not in banned]
+
+        return self._mask(key, allowed_ids, device, width)
 
     def _speech_allowed(self, state: SegmentState, remaining: int, device: torch.device, width: int) -> torch.Tensor:
         v = self.vocab
         layers = protocol.SPEECH_LAYERS_IN_OUTPUT
         if state.part == 0:
             if state.count == 0:
-                return self._mask("spch0", v.speech_part_ids[0], device, width)
+                return self._mask("spch0", lambda: v.speech_part_ids[0], device, width)
             # Another content token must leave room for three timbre parts of the new length
             # and the closer: 1 + 3 * (count + 1) + 1 tokens.
             can_extend = 3 * state.count + 5 <= remaining and (
                 self.max_content_tokens is None or state.count < self.max_content_tokens
             )
             if not can_extend:
-                return self._mask("spch1", v.speech_part_ids[1], device, width)
-            return self._mask("spch01", v.speech_part_ids[0] + v.speech_part_ids[1], device, width)
+                return self._mask("spch1", lambda: v.speech_part_ids[1], device, width)
+            return self._mask("spch01", lambda: v.speech_part_ids[0] + v.speech_part_ids[1], device, width)
         if state.count < state.content_length:
-            return self._mask(f"spch{state.part}", v.speech_part_ids[state.part], device, width)
+            return self._mask(f"spch{state.part}", lambda: v.speech_part_ids[state.part], device, width)
         if state.part < layers - 1:
-            return self._mask(f"spch{state.part + 1}", v.speech_part_ids[state.part + 1], device, width)
-        return self._mask("spch_end", [v.speech_end], device, width)
+            return self._mask(f"spch{state.part + 1}", lambda: v.speech_part_ids[state.part + 1], device, width)
+        return self._mask("spch_end", lambda: [v.speech_end], device, width)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         rows = input_ids.cpu().numpy()

@@ -208,6 +208,50 @@ class Runtime:
             )
         return self._components["llm"]
 
+    def _codec(self, name: str, component: str, parts: frozenset[str], loader: Any) -> Any:
+        """Load a codec once with the parts asked for; a later, larger request reloads it."""
+        cached = self._components.get(name)
+        if cached is not None and parts <= cached[0]:
+            return cached[1]
+        checkpoint.require_components(self.model_dir, [component])
+        wanted = parts | (cached[0] if cached is not None else frozenset())
+        codec = self._timed_load(name, lambda: loader(wanted), detail="+".join(sorted(wanted)))
+        self._components[name] = (wanted, codec)
+        return codec
+
+    def seed_codec(self, parts: frozenset[str]) -> Any:
+        """The SEED image tokenizer: 'encoder' for image input, 'decoder' for image output."""
+        from miocli.codecs.seed import SeedCodec
+
+        # fp16 on GPU like the reference; fp32 on CPU where half precision is slow.
+        dtype = self.dtype if self.device.type == "cuda" else self.cpu_codec_dtype()
+        return self._codec("seed", checkpoint.SEED, parts, lambda wanted: SeedCodec.load(
+            self.model_dir / "seed-tokenizer-2", device=self.device, dtype=dtype, parts=wanted))
+
+    def speech_codec(self, parts: frozenset[str]) -> Any:
+        """SpeechTokenizer: 'encoder' for speech input, 'decoder' for speech output (always fp32)."""
+        import torch
+
+        from miocli.codecs.speech import SpeechCodec
+
+        return self._codec("speech", checkpoint.SPEECH, parts, lambda wanted: SpeechCodec.load(
+            self.model_dir / "SpeechTokenizer", device=self.device, dtype=torch.float32, parts=wanted))
+
+    @property
+    def unclip(self) -> Any:
+        if "unclip" not in self._components:
+            from miocli.codecs.seed.unclip import UnclipDecoder
+
+            checkpoint.require_components(self.model_dir, [checkpoint.UNCLIP])
+            self._components["unclip"] = self._timed_load("unclip", lambda: UnclipDecoder.load(
+                self.model_dir / "stable-diffusion-2-1-unclip", device=self.device, dtype=self.dtype))
+        return self._components["unclip"]
+
+    def cpu_codec_dtype(self) -> torch.dtype:
+        import torch
+
+        return self.dtype if self.options.dtype != "auto" else torch.float32
+
     def loaded(self) -> list[str]:
         return [r.component for r in self.loads]
 

@@ -21,11 +21,14 @@ from pathlib import Path
 from miocli import protocol
 
 MARKER_FILE = "mio_tiny.json"
-TINY_FORMAT_VERSION = 1
+TINY_FORMAT_VERSION = 2
 
 # Name → "module:function" taking (model_dir: Path, seed: int).
 COMPONENT_BUILDERS: dict[str, str] = {
     "llm": "miocli.tiny:build_tiny_llm",
+    "speech": "miocli.codecs.speech.tiny:build_tiny",
+    "seed": "miocli.codecs.seed.tiny:build_tiny",
+    "unclip": "miocli.codecs.seed.unclip_tiny:build_tiny",
 }
 
 YI_USER_DEFINED_SYMBOLS = ["<|Human|>", "<|Assistant|>", "<|System|>", "<|im_start|>", "<|im_end|>", "<|im_sep|>"]
