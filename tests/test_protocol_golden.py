@@ -77,9 +77,9 @@ def test_chat_case(case, tokenizer):
 
 def test_constants_match_reference():
     constants = CHAT["constants"]
-    assert protocol.STD_SYSTEM == constants["MIO_STD_MODE_SYSTEM"]
-    assert protocol.VOICE_SYSTEM == constants["MIO_VOICE_MODE_SYSTEM"]
-    assert protocol.ASSISTANT_STARTER == constants["MIO_CHAT_TEMPLATE"]["assistant_starter"]
+    assert constants["MIO_STD_MODE_SYSTEM"] == protocol.STD_SYSTEM
+    assert constants["MIO_VOICE_MODE_SYSTEM"] == protocol.VOICE_SYSTEM
+    assert constants["MIO_CHAT_TEMPLATE"]["assistant_starter"] == protocol.ASSISTANT_STARTER
 
 
 def test_tokenizer_fuzz_against_reference(tokenizer):
@@ -154,7 +154,8 @@ def test_detokenize_case(case, tokenizer):
 
 
 def test_malformed_speech_keeps_the_rest():
-    text = "Look <image><img1><img2></image> and <spch><spch5><spch1029></spch> then <spch><spch1><spch1025><spch2049><spch3073></spch>"
+    text = ("Look <image><img1><img2></image> and <spch><spch5><spch1029></spch> then "
+            "<spch><spch1><spch1025><spch2049><spch3073></spch>")
     parsed = protocol.parse_output(text, extract=False)
     assert [seg.ids for seg in parsed.images] == [[1, 2]]
     assert [seg.codes for seg in parsed.speeches] == [[[1], [1], [1], [1]]]
