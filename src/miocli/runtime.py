@@ -295,7 +295,7 @@ def load_llm(model_dir: Path, device: torch.device, dtype: torch.dtype, quantize
             model = AutoModelForCausalLM.from_pretrained(
                 model_dir, dtype=dtype, device_map={"": str(device)}, **kwargs
             )
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except Exception as exc:  # truncated or corrupt weight files raise library-specific errors
         raise ModelError(f"cannot load the LLM from {model_dir}: {exc.__class__.__name__}: {exc}".splitlines()[0],
                          hint="check the folder with `mio doctor`; re-download incomplete files") from exc
     model.eval()

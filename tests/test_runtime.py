@@ -1,0 +1,270 @@
+"""Device, dtype and quantization choice, lazy loading, and 4-/8-bit loading of the tiny LLM on CPU."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from miocli.api import GenerationOptions, Mio
+from miocli.errors import EnvironmentProblem, ModelError, UsageError
+from miocli.generation import GenerationOverrides
+from miocli.pipeline import Engine, Prompt
+from miocli.runtime import (
+    Runtime,
+    RuntimeOptions,
+    bitsandbytes_problem,
+    resolve_device,
+    resolve_dtype,
+    resolve_quantize,
+    validate_options,
+)
+from miocli.tasks import TASKS
+
+CPU = torch.device("cpu")
+needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only fallbacks")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # The tiny model's matrices are a few kilobytes: on a shared 2-core box torch's thread pool
+    # costs more than it saves.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---- option values -------------------------------------------------------------------------------
+@needs_no_cuda
+def test_auto_device_is_cpu_without_cuda():
+    assert resolve_device("auto") == CPU
+    assert resolve_device("AUTO") == CPU
+
+
+def test_cpu_device():
+    assert resolve_device("cpu") == CPU
+
+
+@needs_no_cuda
+@pytest.mark.parametrize("spec", ["cuda", "cuda:0", "CUDA:1"])
+def test_cuda_without_cuda_is_an_environment_problem(spec: str):
+    with pytest.raises(EnvironmentProblem, match="CUDA is not available") as caught:
+        resolve_device(spec)
+    assert "--device cpu" in (caught.value.hint or "")
+
+
+@needs_no_cuda
+def test_runtime_reports_missing_cuda_when_the_device_is_first_needed(tiny_model: Path):
+    runtime = Runtime(RuntimeOptions(model=str(tiny_model), device="cuda"))  # accepted: a valid spelling
+    with pytest.raises(EnvironmentProblem):
+        _ = runtime.llm
+    assert runtime.loaded() == []
+
+
+def test_auto_dtype_on_cpu_is_float32():
+    assert resolve_dtype("auto", CPU) == torch.float32
+
+
+@pytest.mark.parametrize(("spec", "dtype"), [("float32", torch.float32), ("bfloat16", torch.bfloat16),
+                                             ("float16", torch.float16)])
+def test_explicit_dtypes(spec: str, dtype: torch.dtype):
+    assert resolve_dtype(spec, CPU) == dtype
+
+
+def test_auto_quantize_on_cpu_is_none():
+    # Even a "model" far larger than memory: bitsandbytes' CPU path is for explicit requests only.
+    assert resolve_quantize("auto", CPU, weight_bytes=10**15) == "none"
+    assert resolve_quantize("none", CPU) == "none"
+
+
+def test_bitsandbytes_is_usable_here():
+    assert bitsandbytes_problem(CPU) is None
+    assert resolve_quantize("4bit", CPU) == "4bit"
+    assert resolve_quantize("8bit", CPU) == "8bit"
+
+
+@pytest.mark.parametrize(
+    ("options", "word"),
+    [
+        (RuntimeOptions(device="gpu"), "device"),
+        (RuntimeOptions(device="cuda:x"), "device"),
+        (RuntimeOptions(device="cuda:"), "device"),
+        (RuntimeOptions(device="mps"), "device"),
+        (RuntimeOptions(dtype="fp16"), "dtype"),
+        (RuntimeOptions(dtype="float64"), "dtype"),
+        (RuntimeOptions(quantize="2bit"), "quantize"),
+        (RuntimeOptions(quantize="4-bit"), "quantize"),
+        (RuntimeOptions(variant="chat"), "variant"),
+    ],
+)
+def test_bad_option_values_are_usage_errors(options: RuntimeOptions, word: str):
+    with pytest.raises(UsageError, match=word) as caught:
+        validate_options(options)
+    assert caught.value.hint
+    # The Runtime checks at construction, before any model file is looked at.
+    with pytest.raises(UsageError):
+        Runtime(options)
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12", "CPU"])
+def test_good_device_spellings_pass_validation(device: str):
+    validate_options(RuntimeOptions(device=device, variant="Base"))
+
+
+# ---- lazy loading --------------------------------------------------------------------------------
+def test_runtime_construction_touches_nothing():
+    runtime = Runtime(RuntimeOptions(model="/no/such/mio/folder"))
+    assert runtime.loaded() == [] and runtime.loads == []
+    # The missing folder is only noticed when something needs it.
+    with pytest.raises(ModelError, match="/no/such/mio/folder"):
+        _ = runtime.tokenizer
+
+
+def test_tokenizer_loads_without_the_llm(tiny_model: Path):
+    runtime = Runtime(RuntimeOptions(model=str(tiny_model)))
+    tokenizer = runtime.tokenizer
+    assert tokenizer.token_to_id("<image>") > 0
+    assert runtime.loaded() == ["tokenizer"]
+    assert "llm" not in runtime._components
+    # A second access reuses the loaded tokenizer.
+    assert runtime.tokenizer is tokenizer
+    assert runtime.loaded() == ["tokenizer"]
+
+
+def test_variant_device_and_dtype_are_resolved_without_loading(tiny_model: Path):
+    runtime = Runtime(RuntimeOptions(model=str(tiny_model), dtype="bfloat16"))
+    assert runtime.variant == "instruct"
+    assert runtime.device == CPU
+    assert runtime.dtype == torch.bfloat16
+    assert runtime.loaded() == []
+    assert Runtime(RuntimeOptions(model=str(tiny_model), variant="base")).variant == "base"
+
+
+def test_llm_load_is_recorded(tiny_model: Path, capsys: pytest.CaptureFixture[str]):
+    runtime = Runtime(RuntimeOptions(model=str(tiny_model), verbose=True))
+    _ = runtime.tokenizer
+    llm = runtime.llm
+    assert runtime.loaded() == ["tokenizer", "llm"]
+    record = runtime.loads[-1]
+    assert record.component == "llm"
+    assert record.seconds > 0
+    assert record.parameters == sum(p.numel() for p in llm.parameters())
+    assert "quantize=none" in record.detail and "float32" in record.detail
+    assert next(llm.parameters()).dtype == torch.float32
+    assert not llm.training
+    assert runtime.llm is llm and runtime.loaded() == ["tokenizer", "llm"]
+    # --verbose reports each load on stderr, never on stdout (which carries results).
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "loaded llm" in captured.err and "loaded tokenizer" in captured.err
+
+
+def test_quiet_runtime_prints_nothing(tiny_model: Path, capsys: pytest.CaptureFixture[str]):
+    runtime = Runtime(RuntimeOptions(model=str(tiny_model)))
+    _ = runtime.tokenizer
+    assert capsys.readouterr().err == ""
+
+
+def test_explicit_dtype_reaches_the_llm(tiny_model: Path):
+    runtime = Runtime(RuntimeOptions(model=str(tiny_model), dtype="bfloat16"))
+    assert next(runtime.llm.parameters()).dtype == torch.bfloat16
+
+
+def test_llm_load_of_an_incomplete_folder_names_the_missing_file(tiny_model: Path, tmp_path: Path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for name in ("config.json", "tokenizer.model", "tokenizer_config.json", "added_tokens.json"):
+        shutil.copy(tiny_model / name, broken / name)
+    runtime = Runtime(RuntimeOptions(model=str(broken)))
+    with pytest.raises(ModelError, match="no LLM weights"):
+        _ = runtime.llm
+    assert runtime.loaded() == []
+
+
+def test_truncated_weights_are_a_model_error(tiny_model: Path, tmp_path: Path):
+    # A half-downloaded shard is non-empty, so the folder check passes; loading must still
+    # end in a ModelError (a clear message and exit code 3), not a traceback.
+    broken = tmp_path / "truncated"
+    shutil.copytree(tiny_model, broken, ignore=shutil.ignore_patterns("seed-*", "SpeechTokenizer", "stable-*"))
+    weights = broken / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match="cannot load the LLM"):
+        _ = Runtime(RuntimeOptions(model=str(broken))).llm
+
+
+# ---- 4-bit and 8-bit on CPU ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference_logits(tiny_model: Path) -> torch.Tensor:
+    return logits_of(Runtime(RuntimeOptions(model=str(tiny_model), quantize="none")))
+
+
+def logits_of(runtime: Runtime) -> torch.Tensor:
+    ids = runtime.tokenizer.encode("<|startoftext|>The quick brown fox jumps over the lazy dog")
+    with torch.inference_mode():
+        return runtime.llm(torch.tensor([ids])).logits.float()
+
+
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_quantized_llm_has_bitsandbytes_layers(tiny_model: Path, reference_logits: torch.Tensor, mode: str):
+    import bitsandbytes as bnb
+
+    runtime = Runtime(RuntimeOptions(model=str(tiny_model), quantize=mode))
+    llm = runtime.llm
+    layer_type = bnb.nn.Linear4bit if mode == "4bit" else bnb.nn.Linear8bitLt
+    decoder_linears = [m for name, m in llm.named_modules() if name.startswith("model.layers.")
+                       and isinstance(m, torch.nn.Linear)]
+    # 2 layers × (q, k, v, o, gate, up, down)
+    assert len(decoder_linears) == 14
+    assert all(isinstance(m, layer_type) for m in decoder_linears)
+    proj = llm.model.layers[0].mlp.up_proj
+    if mode == "4bit":
+        # nf4 packs two weights per byte.
+        assert proj.weight.dtype == torch.uint8
+        assert proj.weight.numel() * 2 == proj.in_features * proj.out_features
+    else:
+        assert proj.weight.dtype == torch.int8
+        assert proj.weight.shape == (proj.out_features, proj.in_features)
+    # transformers keeps the output head unquantized: its precision matters most.
+    assert not isinstance(llm.lm_head, layer_type)
+    assert f"quantize={mode}" in runtime.loads[-1].detail
+    assert llm.get_memory_footprint() < reference_footprint(tiny_model)
+    # Quantized weights must still compute (nearly) the same function.
+    logits = logits_of(runtime)
+    assert torch.isfinite(logits).all()
+    similarity = torch.nn.functional.cosine_similarity(logits.flatten(), reference_logits.flatten(), dim=0)
+    assert similarity > 0.95
+
+
+def reference_footprint(tiny_model: Path) -> int:
+    return Runtime(RuntimeOptions(model=str(tiny_model), quantize="none")).llm.get_memory_footprint()
+
+
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_quantized_llm_generates_through_the_engine(tiny_model: Path, mode: str):
+    import warnings
+
+    runtime = Runtime(RuntimeOptions(model=str(tiny_model), quantize=mode))
+    prompt = Prompt("<|startoftext|><|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+    with warnings.catch_warnings():
+        # bitsandbytes' int8 CPU path warns on every matmul that it casts bf16 inputs to fp16.
+        warnings.simplefilter("ignore")
+        [result] = Engine(runtime).run(TASKS["chat"], [prompt],
+                                       overrides=GenerationOverrides(max_new_tokens=6, num_beams=2), seed=0)
+    assert 0 < len(result.token_ids) <= 6
+    assert result.raw_text == runtime.tokenizer.decode(result.token_ids)
+
+
+def test_quantized_llm_generates_through_the_api(tiny_model: Path):
+    mio = Mio(model=str(tiny_model), quantize="4bit")
+    replies = mio.generate(["The quick brown fox", "In the morning the market"],
+                           GenerationOptions(max_new_tokens=5, beams=1, batch_size=2, seed=0))
+    assert len(replies) == 2
+    for reply in replies:
+        assert 0 < len(reply.token_ids) <= 5
+    assert mio.runtime.loaded() == ["tokenizer", "llm"]
+    assert "quantize=4bit" in mio.runtime.loads[-1].detail
