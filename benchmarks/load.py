@@ -121,8 +121,8 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for r in rows:
-        print(f"{r['mode']:<8} {r['linear']:<14} {r['dtype']:<9} {r['import_s']:>8.2f} {r['load_s']:>7.3f} {r['reload_s']:>8.3f} "
-              f"{r['rss_mib']:>8.0f} {r['footprint_mib']:>13.2f} {r['tokens_per_s']:>9.1f}")
+        print(f"{r['mode']:<8} {r['linear']:<14} {r['dtype']:<9} {r['import_s']:>8.2f} {r['load_s']:>7.3f} "
+              f"{r['reload_s']:>8.3f} {r['rss_mib']:>8.0f} {r['footprint_mib']:>13.2f} {r['tokens_per_s']:>9.1f}")
     print(f"\nparameters: {rows[0]['parameters']:,}; "
           f"tokens/s: {NEW_TOKENS} greedy tokens, batch 1, median of {GENERATION_RUNS}")
 

@@ -8,7 +8,12 @@ keys, training-only tensors included) in a temporary folder; then:
   layers) and of 4-layer decode for 10 s and 60 s of audio, batch 1;
 - load time and peak RSS of parts={"encoder"} against the full codec, each in a fresh process;
 - a fresh `python -c` process doing "load from the real-config .pt + encode 4 s", the same
-  job the reference takes about 3.8 s for on this machine (1.4 s of it loading).
+  job the reference takes about 3.8 s for on this machine (1.4 s of it loading), with torch's
+  default threads, with OMP_WAIT_POLICY=PASSIVE, and with one thread.
+
+On a small machine shared with other busy processes, OpenMP's default busy-waiting makes the
+LSTM (hundreds of tiny sequential steps, each ending in a thread barrier) several times
+slower and very erratic; one thread or OMP_WAIT_POLICY=PASSIVE is then stable.
 
 The file was just written, so it is in the page cache (warm-cache numbers, like a second run).
 Run: python benchmarks/speech.py
@@ -80,8 +85,10 @@ def write_real_checkpoint(folder: Path) -> None:
     torch.save(state, folder / "SpeechTokenizer.pt")
 
 
-def child(folder: Path, parts: str, seconds: float, threads: int = 0) -> tuple[dict[str, float], float]:
-    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def child(
+    folder: Path, parts: str, seconds: float, threads: int = 0, extra_env: dict[str, str] | None = None
+) -> tuple[dict[str, float], float]:
+    env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), **(extra_env or {})}
     start = time.perf_counter()
     out = subprocess.run(
         [sys.executable, "-c", CHILD, str(folder), parts, str(seconds), str(threads)],
@@ -157,11 +164,18 @@ def main() -> None:
             )
 
         print("\nfresh `python -c`: import + load (encoder) + encode 4 s of audio, 3 runs each:")
-        for threads in thread_counts:
+        # OpenMP's default busy-waiting stalls badly when other processes hold the cores;
+        # OMP_WAIT_POLICY=PASSIVE (set before torch is imported) avoids that.
+        variants = [(f"{n} thread(s)", n, {}) for n in thread_counts]
+        if max(thread_counts) > 1:
+            variants.insert(
+                1, (f"{max(thread_counts)} thread(s), OMP_WAIT_POLICY=PASSIVE", 0, {"OMP_WAIT_POLICY": "PASSIVE"})
+            )
+        for label, threads, extra_env in variants:
             for _ in range(3):
-                stats, wall = child(folder, "encoder", 4.0, threads)
+                stats, wall = child(folder, "encoder", 4.0, threads, extra_env)
                 print(
-                    f"  {threads} thread(s): wall {wall:.2f} s  (import {stats['import_s']:.2f} s, "
+                    f"  {label}: wall {wall:.2f} s  (import {stats['import_s']:.2f} s, "
                     f"load {stats['load_s']:.2f} s, encode {stats['encode_s']:.2f} s, "
                     f"peak RSS {stats['peak_rss_mb']:.0f} MiB)"
                 )
