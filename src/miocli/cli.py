@@ -843,6 +843,9 @@ def speech2speech(
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Busy-waiting OpenMP threads made CPU encodes 3-6x slower whenever another process held a core
+    # (benchmarks/speech.py); passive waiting costs little on an idle machine.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     app(args=argv, prog_name="mio")
 
 
