@@ -100,6 +100,8 @@ def main() -> None:
     from miocli.tiny import ensure_tiny_checkpoint
 
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error"}
+    # What `mio` itself sets before torch starts (cli.main); export OMP_WAIT_POLICY to compare.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     with tempfile.TemporaryDirectory(prefix="mio-load-bench-") as cache:
@@ -115,7 +117,8 @@ def main() -> None:
                 raise SystemExit(f"{mode}: failed ({done.returncode})\n{done.stderr[-2000:]}")
             rows.append(json.loads(lines[-1][len("RESULT "):]))
 
-    print(f"\n{os.cpu_count()} CPUs, torch threads {args.threads or 'default'}; one fresh process per row")
+    print(f"\n{os.cpu_count()} CPUs, torch threads {args.threads or 'default'}, "
+          f"OMP_WAIT_POLICY={env['OMP_WAIT_POLICY']}; one fresh process per row")
     header = (f"{'quantize':<8} {'linear layers':<14} {'dtype':<9} {'import s':>8} {'load s':>7} {'reload s':>8} "
               f"{'RSS MiB':>8} {'footprint MiB':>13} {'tokens/s':>9}")
     print(header)
