@@ -1,0 +1,218 @@
+"""The options most `mio` commands share, declared once.
+
+Each command names the groups it takes (`@with_options("runtime", "generation", ...)`); the
+decorator appends those options to the command's signature, which is what Typer reads, and
+hands the command one `Common` object instead of twenty keyword arguments. The command body
+runs under `guarded`, so a MioError becomes one clear line and its exit code.
+
+Stays import-light: `mio --help` loads this module.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Annotated, Any, get_type_hints
+
+import typer
+
+from miocli.errors import MioError, UsageError
+
+RUNTIME = "Model and device"
+GENERATION = "Generation"
+OUTPUT = "Output"
+
+
+@dataclass
+class Common:
+    """Every shared option with its default; a command only sees the groups it declared."""
+
+    model: str | None = None
+    variant: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    quantize: str = "auto"
+    verbose: bool = False
+    debug: bool = False
+    beams: int | None = None
+    sample: bool | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    max_new_tokens: int | None = None
+    seed: int | None = None
+    batch_size: int = 1
+    constrain: bool = True
+    as_json: bool = False
+    show_prompt: bool = False
+    output_dir: Path | None = None
+    overwrite: bool = False
+    skip_existing: bool = False
+
+    def make_mio(self, quantize: str | None = None) -> Any:
+        from miocli.api import Mio
+
+        return Mio(self.model, variant=self.variant, device=self.device, dtype=self.dtype,
+                   quantize=quantize or self.quantize, verbose=self.verbose)
+
+    def generation(self, *, sample: bool | None = None, batch_size: int | None = None) -> Any:
+        """The generation options, validated; `sample`/`batch_size` replace the user's when given."""
+        from miocli.api import GenerationOptions
+
+        size = self.batch_size if batch_size is None else batch_size
+        if size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        options = GenerationOptions(
+            self.beams, self.sample if sample is None else sample, self.temperature, self.top_p,
+            self.repetition_penalty, self.max_new_tokens, self.seed, size, self.constrain,
+        )
+        options.overrides().validate()
+        return options
+
+    def open_output(self) -> Any:
+        if self.overwrite and self.skip_existing:
+            raise UsageError("--overwrite and --skip-existing contradict each other")
+        if self.output_dir is None:
+            return None
+        from miocli.outputs import OutputDir
+
+        return OutputDir(self.output_dir, overwrite=self.overwrite, skip_existing=self.skip_existing)
+
+
+def _opt(*names: str, help: str | None = None, panel: str | None = None, **extra: Any) -> Any:
+    return typer.Option(*names, help=help, rich_help_panel=panel, **extra)
+
+
+# name → (annotation, default); the names are Common's fields.
+OPTIONS: dict[str, tuple[Any, Any]] = {
+    "model": (Annotated[str | None, _opt("--model", "-m", help="Model folder or hub id in the local HF cache "
+                                         "[env MIO_MODEL; default m-a-p/MIO-7B-Instruct].", panel=RUNTIME)], None),
+    "variant": (Annotated[str | None, _opt("--variant", help="instruct or base (default: detected from the "
+                                           "folder).", panel=RUNTIME)], None),
+    "device": (Annotated[str, _opt("--device", help="auto, cpu, cuda or cuda:N.", panel=RUNTIME)], "auto"),
+    "dtype": (Annotated[str, _opt("--dtype", help="auto, float32, bfloat16 or float16.", panel=RUNTIME)], "auto"),
+    "quantize": (Annotated[str, _opt("--quantize", help="auto, none, 8bit or 4bit (bitsandbytes; NF4 for 4bit).",
+                                     panel=RUNTIME)], "auto"),
+    "verbose": (Annotated[bool, _opt("--verbose", "-v", help="Report what was loaded, how long it took, and "
+                                     "memory.", panel=RUNTIME)], False),
+    "debug": (Annotated[bool, _opt("--debug", help="Show tracebacks.", panel=RUNTIME)], False),
+    "beams": (Annotated[int | None, _opt("--beams", help="Beam count (task preset by default).",
+                                         panel=GENERATION)], None),
+    "sample": (Annotated[bool | None, _opt("--sample/--greedy", help="Sample or decode deterministically.",
+                                           panel=GENERATION, show_default=False)], None),
+    "temperature": (Annotated[float | None, _opt("--temperature", panel=GENERATION)], None),
+    "top_p": (Annotated[float | None, _opt("--top-p", panel=GENERATION)], None),
+    "repetition_penalty": (Annotated[float | None, _opt("--repetition-penalty", panel=GENERATION)], None),
+    "max_new_tokens": (Annotated[int | None, _opt("--max-new-tokens", panel=GENERATION)], None),
+    "seed": (Annotated[int | None, _opt("--seed", help="Random seed for reproducible sampling.",
+                                        panel=GENERATION)], None),
+    "constrain": (Annotated[bool, _opt("--constrain/--no-constrain", help="Keep image and speech segments "
+                                       "well-formed while generating.", panel=GENERATION)], True),
+    "batch_size": (Annotated[int, _opt("--batch-size", "-b", help="Prompts per generate call.",
+                                       panel=GENERATION)], 1),
+    "as_json": (Annotated[bool, _opt("--json", help="One JSON object per result on stdout.", panel=OUTPUT)], False),
+    "show_prompt": (Annotated[bool, _opt("--print-prompt", help="Print the exact prompt and exit (no LLM weights "
+                                         "are loaded).", panel=OUTPUT)], False),
+    "output_dir": (Annotated[Path | None, _opt("--output-dir", "-o", help="Write results and manifest.jsonl "
+                                               "here.", panel=OUTPUT)], None),
+    "overwrite": (Annotated[bool, _opt("--overwrite", help="Replace existing output files.", panel=OUTPUT)], False),
+    "skip_existing": (Annotated[bool, _opt("--skip-existing", help="Skip inputs whose outputs exist (resume a "
+                                           "batch).", panel=OUTPUT)], False),
+}
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    # Commands that only encode or decode media take the model folder and device, not the LLM's options.
+    "codec": ("model", "device", "dtype", "verbose"),
+    "runtime": ("model", "variant", "device", "dtype", "quantize", "verbose"),
+    "generation": ("beams", "sample", "temperature", "top_p", "repetition_penalty", "max_new_tokens", "seed",
+                   "constrain"),
+    "batch": ("batch_size",),
+    "json": ("as_json",),
+    "prompt": ("show_prompt",),
+    "output": ("output_dir", "overwrite", "skip_existing"),
+    "write": ("output_dir", "overwrite"),
+}
+
+# Declaration order of Common is the order of the options in --help.
+_ORDER = [f.name for f in fields(Common)]
+
+
+def with_options(*groups: str, batch_size: int = 1) -> Callable[[Callable[..., int | None]], Callable[..., None]]:
+    """Give a command the options of `groups`; it receives them as `opts: Common`."""
+    names = {"debug"}
+    for group in groups:
+        names.update(GROUPS[group])
+    chosen = [n for n in _ORDER if n in names]
+
+    def decorate(command: Callable[..., int | None]) -> Callable[..., None]:
+        signature = inspect.signature(command, eval_str=True)
+        hints = get_type_hints(command, include_extras=True)
+        own = [p.replace(annotation=hints.get(p.name, p.annotation))
+               for p in signature.parameters.values() if p.name != "opts"]
+        clash = {p.name for p in own} & set(chosen)
+        if clash:
+            raise TypeError(f"{command.__name__} redeclares shared options {sorted(clash)}")
+        shared = []
+        for name in chosen:
+            annotation, default = OPTIONS[name]
+            shared.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                            default=batch_size if name == "batch_size" else default))
+
+        @functools.wraps(command)
+        def run(**kwargs: Any) -> None:
+            opts = Common(**{name: kwargs.pop(name) for name in chosen})
+            guarded(opts.debug, lambda: command(**kwargs, opts=opts))
+
+        parameters = own + shared
+        run.__signature__ = signature.replace(parameters=parameters, return_annotation=None)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in parameters}
+        del run.__wrapped__  # Typer must read the new signature, not the wrapped function's
+        return run
+
+    return decorate
+
+
+# ---- plumbing shared by the commands ---------------------------------------------------------------
+def err(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+def fail(exc: MioError) -> None:
+    err(f"mio: error: {exc.message}")
+    if exc.hint:
+        err(f"  hint: {exc.hint}")
+
+
+def guarded(debug: bool, body: Callable[[], int | None]) -> None:
+    """Run a command body: MioError → one clear line and its exit code; tracebacks only with --debug."""
+    debug = debug or os.environ.get("MIO_DEBUG") == "1"
+    try:
+        code = body() or 0
+    except MioError as exc:
+        if debug:
+            raise
+        fail(exc)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err("mio: interrupted")
+        raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except Exception as exc:
+        if debug:
+            raise
+        err(f"mio: unexpected error: {exc.__class__.__name__}: {exc}")
+        err("  hint: run again with --debug for the traceback, and report it")
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
+
+
+def emit_json(record: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
