@@ -1,4 +1,4 @@
-"""Helpers for tests that run the real `mio` entry point."""
+"""Helpers shared by test modules: a runner for the real `mio` entry point, torch on one thread."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 
 def run_mio(*args: str, stdin: str | None = None, env: dict[str, str] | None = None,
@@ -21,3 +24,18 @@ def run_mio(*args: str, stdin: str | None = None, env: dict[str, str] | None = N
 
 # The console script pip installed; `python -m miocli` runs the same function when it is not on PATH.
 MIO_COMMAND = [shutil.which("mio")] if shutil.which("mio") else [sys.executable, "-m", "miocli"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Autouse in the modules that import it: torch on one thread while they run.
+
+    The tiny model's tensors are a few kilobytes: on a shared 2-core machine, waking torch's
+    thread pool for every op costs far more than the work itself.
+    """
+    import torch  # here, not at the top: the CLI tests import this module and never need torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

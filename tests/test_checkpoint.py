@@ -168,11 +168,37 @@ def test_tiny_checkpoint_declares_its_variant(tiny_model: Path):
         ("my-mio-instruct-copy", "instruct"),
         ("models--m-a-p--MIO-7B-Base/snapshots/" + SHA, "base"),
         ("models--m-a-p--MIO-7B-Instruct/snapshots/" + SHA, "instruct"),
-        ("MIO-7B-Base/weights", "base"),
+        ("knowledge-base/MIO-7B-Instruct", "instruct"),
+        ("base-models/MIO-7B-Base", "base"),
+        ("hub-base/models--m-a-p--MIO-7B-Base/snapshots/" + SHA, "base"),
     ],
 )
 def test_variant_from_folder_names(neutral_root: Path, name: str, expected: str):
     assert detect_variant(folder(neutral_root, name, {"model_type": "llama"})) == expected
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "base-models/mymodel",
+        "knowledge-base/model",
+        "MIO-7B-Base/weights",
+        "knowledge-base/models--someone--my-model/snapshots/" + SHA,
+        "models--m-a-p--MIO-7B-Base/elsewhere/" + SHA,  # not a hub snapshot: only its own name counts
+    ],
+)
+def test_parent_folder_names_do_not_decide_the_variant(neutral_root: Path, name: str):
+    # Only the folder's own name (and a hub snapshot's models--owner--name folder) says which
+    # model it is; a parent called "knowledge-base" or "base-models" says nothing.
+    assert detect_variant(folder(neutral_root, name, {"model_type": "llama"})) == "instruct"
+
+
+def test_a_symlink_named_after_the_model_counts(neutral_root: Path):
+    target = folder(neutral_root, "blobs/4f2a", {"model_type": "llama"})
+    link = neutral_root / "MIO-7B-Base"
+    link.symlink_to(target, target_is_directory=True)
+    assert detect_variant(link) == "base"
+    assert detect_variant(target) == "instruct"
 
 
 @pytest.mark.parametrize("config", [None, {"model_type": "llama"}, {"mio_variant": "large"}])
@@ -261,6 +287,15 @@ def test_pytorch_bin_weights_are_accepted(copy: Path):
     assert llm_problems(copy) == []
 
 
+def write_safetensors(path: Path) -> Path:
+    """A small but complete safetensors file."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(3, 5), "b": torch.ones(7)}, str(path))
+    return path
+
+
 def write_index(path: Path, shards: list[str], name: str = "model.safetensors.index.json") -> None:
     weight_map = {f"model.layers.{i}.weight": shard for i, shard in enumerate(shards)}
     (path / name).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
@@ -274,7 +309,7 @@ def test_missing_shard_named_from_the_index(copy: Path):
     (copy / "model.safetensors").unlink()
     shards = [shard_name(i, 3) for i in (1, 2, 3)]
     write_index(copy, shards)
-    (copy / shards[0]).write_bytes(b"x" * 10)
+    write_safetensors(copy / shards[0])
     (copy / shards[2]).write_bytes(b"")  # half-downloaded: present but empty
     error = assert_required_fails(copy, LLM, shards[1], shards[2])
     assert shards[0] not in error.message
@@ -286,8 +321,81 @@ def test_many_missing_shards_are_summarised(copy: Path):
     [problem] = llm_problems(copy)
     assert shards[0] in problem and "and 3 more" in problem
     for shard in shards:
-        (copy / shard).write_bytes(b"x")
+        write_safetensors(copy / shard)
     assert llm_problems(copy) == []
+
+
+def truncate(path: Path, keep: int) -> None:
+    data = path.read_bytes()
+    assert keep < len(data)
+    path.write_bytes(data[:keep])
+
+
+@pytest.mark.parametrize("cut", ["half", "last-byte", "after-header", "inside-header", "inside-length"])
+def test_truncated_weights_are_named_with_a_hint(copy: Path, cut: str):
+    # The size > 0 check passes for a half-downloaded file; its own header says how long it must be.
+    weights = copy / "model.safetensors"
+    size = weights.stat().st_size
+    header_end = 8 + int.from_bytes(weights.read_bytes()[:8], "little")
+    keep = {"half": size // 2, "last-byte": size - 1, "after-header": header_end, "inside-header": 9,
+            "inside-length": 4}[cut]
+    truncate(weights, keep)
+    [problem] = llm_problems(copy)
+    assert "model.safetensors" in problem and "truncated" in problem and "mio download" in problem
+    assert_required_fails(copy, LLM, "model.safetensors is truncated")
+
+
+def test_truncated_weights_message_gives_the_sizes(copy: Path):
+    weights = copy / "model.safetensors"
+    size = weights.stat().st_size
+    truncate(weights, size - 100)
+    [problem] = llm_problems(copy)
+    assert f"{size - 100} of {size} bytes" in problem
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (b"x" * 64, "corrupt"),  # a length field far beyond any real header
+        ((20).to_bytes(8, "little") + b"{not json at all....", "corrupt"),
+        ((2).to_bytes(8, "little") + b"[]", "corrupt"),
+        ((40).to_bytes(8, "little") + b'{"w": {"data_offsets": [8, 4]}}' + b" " * 9, "corrupt"),
+    ],
+    ids=["garbage", "not-json", "not-an-object", "bad-offsets"],
+)
+def test_corrupt_safetensors_header(copy: Path, content: bytes, needle: str):
+    (copy / "model.safetensors").write_bytes(content)
+    [problem] = llm_problems(copy)
+    assert problem.startswith("model.safetensors is ") and needle in problem and "mio download" in problem
+
+
+def test_header_check_never_reads_tensor_data(copy: Path):
+    # A header that promises 8 GiB of data, in a sparse file of that size: the check only compares
+    # sizes, so it passes without touching the (absent) data.
+    header = json.dumps({"w": {"dtype": "U8", "shape": [2**33], "data_offsets": [0, 2**33]}}).encode()
+    weights = copy / "model.safetensors"
+    with open(weights, "wb") as handle:
+        handle.write(len(header).to_bytes(8, "little") + header)
+        handle.truncate(8 + len(header) + 2**33)
+    assert llm_problems(copy) == []
+    with open(weights, "r+b") as handle:
+        handle.truncate(8 + len(header) + 2**33 - 1)
+    [problem] = llm_problems(copy)
+    assert "truncated" in problem
+
+
+def test_truncated_shard_is_named_and_whole_shards_are_not(copy: Path):
+    (copy / "model.safetensors").unlink()
+    shards = [shard_name(i, 3) for i in (1, 2, 3)]
+    write_index(copy, shards)
+    for shard in shards:
+        write_safetensors(copy / shard)
+    assert llm_problems(copy) == []
+    truncate(copy / shards[1], (copy / shards[1]).stat().st_size - 1)
+    [problem] = llm_problems(copy)
+    assert problem.startswith(f"{shards[1]} is truncated")
+    error = assert_required_fails(copy, LLM, shards[1], "mio download")
+    assert shards[0] not in error.message and shards[2] not in error.message
 
 
 def test_bin_index_is_read_too(copy: Path):

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from mio_testing import one_torch_thread, run_mio  # noqa: F401  (one_torch_thread: autouse)
 from miocli import protocol
-from miocli.api import GenerationOptions
+from miocli.api import GenerationOptions, Mio
 from miocli.errors import UsageError
 from miocli.generation import (
     PRESETS,
@@ -25,6 +26,7 @@ from miocli.generation import (
     MediaVocabulary,
     SegmentConstraint,
     hf_generate_kwargs,
+    minimum_new_tokens,
 )
 from miocli.pipeline import Engine, Prompt, task_prompt_text
 from miocli.runtime import Runtime, RuntimeOptions
@@ -135,16 +137,6 @@ def test_api_options_map_onto_overrides():
 
 
 # ---- the constraint without a model --------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Every tensor here is tiny: with a shared 2-core machine, waking torch's thread pool for each
-    # op costs ten times the work itself.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model: Path) -> MioTokenizer:
     return MioTokenizer.from_dir(tiny_model)
@@ -393,12 +385,85 @@ def test_tiny_llm_imagine_without_constraint_reports_instead_of_raising(engine: 
                           seed=0, constrain=False)
     assert 0 < len(result.token_ids) <= 40
     assert result.raw_text == engine.runtime.tokenizer.decode(result.token_ids)
-    decodable = [i for i in result.parsed.images if len(i.ids) == protocol.IMAGE_TOKENS_PER_IMAGE]
-    assert decodable == []
+    # Whatever it produced, only whole 32-id images are taken; anything else is a problem.
+    assert all(len(i.ids) == protocol.IMAGE_TOKENS_PER_IMAGE for i in result.parsed.images)
     for problem in result.parsed.problems:
         assert problem.kind in ("image", "speech") and problem.reason
     # The stray tokens stay visible in the text rather than being dropped silently.
     assert MEDIA_LEFT_IN_TEXT.search(result.parsed.text)
+
+
+# ---- --max-new-tokens too small for the one segment a media task must produce ----------------------
+MEDIA_TASK_MINIMUMS = [("imagine", 34), ("video-gen", 34), ("edit", 33), ("tts", 6), ("speak", 6),
+                       ("speech2speech", 6)]
+
+
+@pytest.mark.parametrize(("output", "prefill", "expected"), [
+    ("image", "", 34), ("image", protocol.IMAGE_BEGIN, 33), ("speech", "", 6), ("text", "", 1), ("mixed", "", 1),
+])
+def test_minimum_new_tokens(output: str, prefill: str, expected: int):
+    assert minimum_new_tokens(output, prefill=prefill) == expected
+
+
+@pytest.mark.parametrize(("kind", "start_in_image", "minimum"), [("image", False, 34), ("image", True, 33),
+                                                                 ("speech", False, 6)])
+def test_the_minimum_is_what_the_constraint_needs(
+    tokenizer: MioTokenizer, vocab: MediaVocabulary, prompt: list[int], stop_id: int,
+    kind: str, start_in_image: bool, minimum: int,
+):
+    # With exactly the minimum a forced segment always completes; one token less never can.
+    prefill = protocol.IMAGE_BEGIN if start_in_image else ""
+    assert minimum_new_tokens(kind, prefill=prefill) == minimum
+    force = None if start_in_image else {"image": vocab.image_begin, "speech": vocab.speech_begin}[kind]
+    logits = base_logits(tokenizer, vocab, FakeModel(stop_bias=float("-inf")), stop_id)
+    for budget, whole in ((minimum, True), (minimum - 1, False)):
+        constraint = SegmentConstraint(vocab, len(prompt), budget, force_first=force, start_in_image=start_in_image)
+        rows = simulate(constraint, prompt, 3, budget, logits, stop_id=stop_id, pad_id=tokenizer.pad_id, seed=budget)
+        for ids in rows:
+            text = (prefill + tokenizer.decode(ids))
+            parsed = protocol.parse_output(text, extract=False)
+            found = parsed.images if kind == "image" else parsed.speeches
+            assert len(found) == int(whole), text
+
+
+def offline_engine() -> Engine:
+    # No model folder at all: the check must come before anything is loaded.
+    return Engine(Runtime(RuntimeOptions(model="/no/such/mio/model", device="cpu")))
+
+
+@pytest.mark.parametrize(("task", "minimum"), MEDIA_TASK_MINIMUMS)
+def test_too_few_new_tokens_for_a_media_task_is_a_usage_error(task: str, minimum: int):
+    engine = offline_engine()
+    with pytest.raises(UsageError, match=re.escape("--max-new-tokens")) as caught:
+        engine.settings_for(TASKS[task], GenerationOverrides(max_new_tokens=minimum - 1))
+    assert f"at least {minimum} new tokens" in caught.value.message
+    assert f"--max-new-tokens {minimum}" in (caught.value.hint or "")
+    assert engine.settings_for(TASKS[task], GenerationOverrides(max_new_tokens=minimum)).max_new_tokens == minimum
+    # The presets themselves leave room.
+    assert engine.settings_for(TASKS[task], None).max_new_tokens >= minimum
+    assert engine.runtime.loaded() == []
+
+
+@pytest.mark.parametrize("task", ["chat", "caption", "asr", "interleave"])
+def test_text_and_mixed_tasks_take_any_budget(task: str):
+    assert offline_engine().settings_for(TASKS[task], GenerationOverrides(max_new_tokens=1)).max_new_tokens == 1
+
+
+def test_api_refuses_a_too_small_budget_before_loading(tiny_model: Path):
+    mio = Mio(model=str(tiny_model), device="cpu")
+    prompt = Prompt(mio.task_prompt("imagine", {"caption": "a red kite"}))
+    with pytest.raises(UsageError, match="at least 34 new tokens"):
+        mio.run("imagine", [prompt], GenerationOptions(max_new_tokens=33))
+    assert mio.runtime.loaded() == []
+
+
+def test_cli_refuses_a_too_small_budget_with_exit_code_2(tiny_model: Path, tmp_path: Path):
+    done = run_mio("tts", "hello there", "-o", str(tmp_path / "out"), "--model", str(tiny_model), "--device", "cpu",
+                   "--max-new-tokens", "5", "--verbose")
+    assert done.returncode == 2, done.stderr
+    assert "--max-new-tokens 5 is too small" in done.stderr and "at least 6 new tokens" in done.stderr
+    assert "produced no" not in done.stderr
+    assert "loaded llm" not in done.stderr
 
 
 def test_settings_used_by_the_engine_are_preset_plus_overrides(engine: Engine):

@@ -95,6 +95,20 @@ def test_failed_write_keeps_the_previous_file(tmp_path: Path):
     assert leftovers(tmp_path) == []
 
 
+def test_failed_chmod_leaves_no_temporary_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # Setting the permissions of the temporary file can fail too (odd file systems, ACLs): the
+    # temporary file must still be removed and nothing written under the final name.
+    target = tmp_path / "out.txt"
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "chmod", refuse)
+    with pytest.raises(PermissionError):
+        atomic_write_text(target, "never")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_replacement_is_a_rename_not_an_in_place_rewrite(tmp_path: Path):
     target = tmp_path / "out.txt"
     target.write_text("old content")

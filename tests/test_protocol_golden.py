@@ -96,11 +96,19 @@ def test_every_multimodal_token_is_one_id(tokenizer):
     assert tokenizer.token_to_id("<|im_end|>") == 7
 
 
-def _reference_detokenize(case, tokenizer):
-    """Our parser, arranged like the reference's detokenize (paths named its way)."""
-    kwargs = case["kwargs"]
+def _case_texts(case, tokenizer):
     rows = case["input"]
-    texts = tokenizer.batch_decode(rows) if case["input_kind"] == "token_ids" else list(rows)
+    return tokenizer.batch_decode(rows) if case["input_kind"] == "token_ids" else list(rows)
+
+
+def _reference_detokenize(case, tokenizer, image_tokens=None):
+    """Our parser, arranged like the reference's detokenize (paths named its way).
+
+    `image_tokens=None` takes image segments of any length, as the reference does; the default
+    parse reports those without 32 ids instead (test_image_segments_without_32_ids_are_reported).
+    """
+    kwargs = case["kwargs"]
+    texts = _case_texts(case, tokenizer)
     save_images = kwargs.get("save_images", True)
     save_speeches = kwargs.get("save_speeches", True)
     result = {"texts": [], "image_paths": [], "speech_paths": []}
@@ -109,7 +117,7 @@ def _reference_detokenize(case, tokenizer):
     for row, text in enumerate(texts):
         parsed = protocol.parse_output(
             text, extract=kwargs.get("extract_assistant", True),
-            take_images=save_images, take_speeches=save_speeches,
+            take_images=save_images, take_speeches=save_speeches, image_tokens=image_tokens,
         )
         result["texts"].append(parsed.text)
         result["image_paths"].append(
@@ -153,11 +161,60 @@ def test_detokenize_case(case, tokenizer):
     assert problems[0].raw in result["texts"][0]
 
 
+@pytest.mark.parametrize("case", [c for c in DETOK["cases"] if "exception" not in c],
+                         ids=[c["name"] for c in DETOK["cases"] if "exception" not in c])
+def test_image_segments_without_32_ids_are_reported(case, tokenizer):
+    # The deliberate difference on images: the reference hands segments of any length to the
+    # image decoder, which cannot take them; we decode the 32-id ones exactly as it does and
+    # report the others by their count, leaving them in the text.
+    reference = [event["data"][0][0] for event in case["trace"] if event["event"] == "image_decoder_input_ids"]
+    texts, result, decoder_inputs, problems = _reference_detokenize(
+        case, tokenizer, image_tokens=protocol.IMAGE_TOKENS_PER_IMAGE
+    )
+    assert [entry[0][0] for entry in decoder_inputs["image"]] == [ids for ids in reference if len(ids) == 32]
+    assert [(p.kind, p.reason) for p in problems] == [
+        ("image", f"an image needs exactly 32 image tokens, found {len(ids)}") for ids in reference if len(ids) != 32
+    ]
+    for problem in problems:
+        assert any(problem.raw in text for text in result["texts"])
+    # Speech is untouched by the image check.
+    assert decoder_inputs["speech"] == [
+        event["data"] for event in case["trace"] if event["event"] == "speech_decoder_input_codes"
+    ]
+
+
+def test_golden_cases_include_short_image_segments():
+    # Otherwise the test above would check nothing about them.
+    lengths = {len(event["data"][0][0]) for case in DETOK["cases"] for event in case["trace"]
+               if event["event"] == "image_decoder_input_ids"}
+    assert 32 in lengths and lengths - {32}
+
+
+def test_image_segment_without_32_ids_keeps_the_rest():
+    good = protocol.image_ids_to_string(range(32))
+    short = "<image><img1><img2></image>"
+    long = protocol.image_ids_to_string(range(33))
+    speech = "<spch><spch1><spch1025><spch2049><spch3073></spch>"
+    text = f"A {short} B {good} C {long} D {speech}"
+    parsed = protocol.parse_output(text, extract=False)
+    assert [seg.ids for seg in parsed.images] == [list(range(32))]
+    assert [seg.codes for seg in parsed.speeches] == [[[1], [1], [1], [1]]]
+    assert [(p.kind, p.reason, p.raw) for p in parsed.problems] == [
+        ("image", "an image needs exactly 32 image tokens, found 2", short),
+        ("image", "an image needs exactly 32 image tokens, found 33", long),
+    ]
+    assert parsed.text == f"A {short} B <image_placeholder_0> C {long} D <speech_placeholder_0>"
+    # The reference's reading, on request: every segment taken, whatever its length.
+    loose = protocol.parse_output(text, extract=False, image_tokens=None)
+    assert [len(seg.ids) for seg in loose.images] == [2, 32, 33] and loose.problems == []
+
+
 def test_malformed_speech_keeps_the_rest():
-    text = ("Look <image><img1><img2></image> and <spch><spch5><spch1029></spch> then "
+    image = protocol.image_ids_to_string([7] * 32)
+    text = (f"Look {image} and <spch><spch5><spch1029></spch> then "
             "<spch><spch1><spch1025><spch2049><spch3073></spch>")
     parsed = protocol.parse_output(text, extract=False)
-    assert [seg.ids for seg in parsed.images] == [[1, 2]]
+    assert [seg.ids for seg in parsed.images] == [[7] * 32]
     assert [seg.codes for seg in parsed.speeches] == [[[1], [1], [1], [1]]]
     assert len(parsed.problems) == 1 and "four parts" in parsed.problems[0].reason
     assert parsed.text.startswith("Look <image_placeholder_0> and <spch><spch5>")

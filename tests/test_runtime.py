@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from mio_testing import one_torch_thread, run_mio  # noqa: F401  (one_torch_thread: autouse)
 from miocli.api import GenerationOptions, Mio
 from miocli.errors import EnvironmentProblem, ModelError, UsageError
 from miocli.generation import GenerationOverrides
@@ -16,6 +18,7 @@ from miocli.runtime import (
     Runtime,
     RuntimeOptions,
     bitsandbytes_problem,
+    quiet_bitsandbytes,
     resolve_device,
     resolve_dtype,
     resolve_quantize,
@@ -25,16 +28,6 @@ from miocli.tasks import TASKS
 
 CPU = torch.device("cpu")
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only fallbacks")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tiny model's matrices are a few kilobytes: on a shared 2-core box torch's thread pool
-    # costs more than it saves.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---- option values -------------------------------------------------------------------------------
@@ -184,14 +177,29 @@ def test_llm_load_of_an_incomplete_folder_names_the_missing_file(tiny_model: Pat
     assert runtime.loaded() == []
 
 
-def test_truncated_weights_are_a_model_error(tiny_model: Path, tmp_path: Path):
-    # A half-downloaded shard is non-empty, so the folder check passes; loading must still
-    # end in a ModelError (a clear message and exit code 3), not a traceback.
+def test_truncated_weights_are_a_model_error_before_loading(tiny_model: Path, tmp_path: Path):
+    # A half-downloaded file is non-empty; its safetensors header still shows it is cut short, so
+    # the folder check names it (a clear message and exit code 3) before transformers reads it.
     broken = tmp_path / "truncated"
     shutil.copytree(tiny_model, broken, ignore=shutil.ignore_patterns("seed-*", "SpeechTokenizer", "stable-*"))
     weights = broken / "model.safetensors"
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
+    runtime = Runtime(RuntimeOptions(model=str(broken)))
+    with pytest.raises(ModelError, match="model.safetensors is truncated") as caught:
+        _ = runtime.llm
+    assert "mio download" in str(caught.value)
+    assert runtime.loaded() == []
+
+
+def test_weights_that_fail_to_load_are_still_a_model_error(tiny_model: Path, tmp_path: Path):
+    # A whole-looking file whose tensors do not fit the config passes the header check; the load
+    # itself must still end in a ModelError, not a traceback.
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "mismatched"
+    shutil.copytree(tiny_model, broken, ignore=shutil.ignore_patterns("seed-*", "SpeechTokenizer", "stable-*"))
+    save_file({"model.embed_tokens.weight": torch.zeros(3, 3)}, str(broken / "model.safetensors"))
     with pytest.raises(ModelError, match="cannot load the LLM"):
         _ = Runtime(RuntimeOptions(model=str(broken))).llm
 
@@ -231,6 +239,9 @@ def test_quantized_llm_has_bitsandbytes_layers(tiny_model: Path, reference_logit
     # transformers keeps the output head unquantized: its precision matters most.
     assert not isinstance(llm.lm_head, layer_type)
     assert f"quantize={mode}" in runtime.loads[-1].detail
+    # On CPU the unquantized parts and the compute dtype are bfloat16, and the load report says so.
+    assert llm.lm_head.weight.dtype == torch.bfloat16
+    assert "bfloat16" in runtime.loads[-1].detail and "float32" not in runtime.loads[-1].detail
     assert llm.get_memory_footprint() < reference_footprint(tiny_model)
     # Quantized weights must still compute (nearly) the same function.
     logits = logits_of(runtime)
@@ -244,19 +255,48 @@ def reference_footprint(tiny_model: Path) -> int:
 
 
 @pytest.mark.parametrize("mode", ["4bit", "8bit"])
-def test_quantized_llm_generates_through_the_engine(tiny_model: Path, mode: str):
-    import warnings
-
+def test_quantized_llm_generates_through_the_engine(tiny_model: Path, mode: str, caplog: pytest.LogCaptureFixture):
     runtime = Runtime(RuntimeOptions(model=str(tiny_model), quantize=mode))
     prompt = Prompt("<|startoftext|><|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
                     "<|im_start|>assistant\n")
-    with warnings.catch_warnings():
-        # bitsandbytes' int8 CPU path warns on every matmul that it casts bf16 inputs to fp16.
-        warnings.simplefilter("ignore")
+    with caplog.at_level(logging.WARNING):
         [result] = Engine(runtime).run(TASKS["chat"], [prompt],
                                        overrides=GenerationOverrides(max_new_tokens=6, num_beams=2), seed=0)
     assert 0 < len(result.token_ids) <= 6
     assert result.raw_text == runtime.tokenizer.decode(result.token_ids)
+    # bitsandbytes' int8 path logs a cast notice on every matmul: mio drops exactly that one.
+    assert "MatMul8bitLt" not in caplog.text
+
+
+def test_8bit_on_cpu_through_the_cli_keeps_stderr_clean(tiny_model: Path):
+    done = run_mio("chat", "What is the capital of France?", "--model", str(tiny_model), "--quantize", "8bit",
+                   "--device", "cpu", "--max-new-tokens", "4", "--beams", "1", "--verbose")
+    assert done.returncode == 0, done.stderr
+    assert "MatMul8bitLt" not in done.stderr
+    assert "kernels-community" not in done.stderr
+    # --verbose reports the dtype the quantized model computes in, not the float32 CPU default.
+    assert "loaded llm (cpu, bfloat16, quantize=8bit)" in done.stderr
+
+
+def test_only_the_known_bitsandbytes_noise_is_silenced(caplog: pytest.LogCaptureFixture):
+    import warnings
+
+    quiet_bitsandbytes()
+    quiet_bitsandbytes()  # idempotent: one filter per logger
+    functions = logging.getLogger("bitsandbytes.autograd._functions")
+    assert len(functions.filters) == 1
+    with caplog.at_level(logging.WARNING):
+        functions.warning("MatMul8bitLt: inputs will be cast from %s to float16 during quantization", torch.bfloat16)
+        functions.warning("something else went wrong")
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning(
+            "Failed to load CPU gemm_4bit_forward from kernels-community: %s.", "No module named 'kernels'")
+        logging.getLogger("bitsandbytes.backends.cpu.ops").warning("another CPU backend message")
+    assert [r.getMessage() for r in caplog.records] == ["something else went wrong", "another CPU backend message"]
+    # Releases that warn through `warnings` instead: that message is dropped, others are not.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn("MatMul8bitLt: inputs will be cast from torch.bfloat16 to float16", UserWarning, stacklevel=1)
+        warnings.warn("an unrelated warning", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["an unrelated warning"]
 
 
 def test_quantized_llm_generates_through_the_api(tiny_model: Path):

@@ -101,13 +101,27 @@ def detect_variant(model_dir: Path, override: str | None = None) -> str:
             declared = None
         if declared in VARIANTS:
             return declared
-    for part in reversed(model_dir.resolve().parts):
-        lowered = part.lower()
+    for name in _variant_names(model_dir):
+        lowered = name.lower()
         if "instruct" in lowered:
             return "instruct"
         if lowered.endswith("-base") or "mio-7b-base" in lowered or "--base" in lowered:
             return "base"
     return "instruct"
+
+
+def _variant_names(model_dir: Path) -> list[str]:
+    """The names that may tell the variant: the folder's own name and, for a hub cache snapshot
+    (`models--owner--name/snapshots/<sha>`), the repository folder's name. Never other parents:
+    `knowledge-base/model` or `base-models/mine` say nothing about the model inside."""
+    names: list[str] = []
+    # As written (a symlink's own name counts) and as resolved (".", "..", hub snapshot links).
+    for path in (Path(os.path.abspath(model_dir)), model_dir.resolve()):
+        candidates = [path.name]
+        if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+            candidates.append(path.parent.parent.name)
+        names += [name for name in candidates if name and name not in names]
+    return names
 
 
 @dataclass
@@ -154,13 +168,78 @@ def _check_weight_files(model_dir: Path) -> list[str]:
             if missing:
                 shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
                 return [f"weight shards missing or empty (half-downloaded?): {shown}"]
-            return []
+            return [p for p in (safetensors_problem(model_dir / s) for s in sorted(shards)) if p]
     singles = [model_dir / "model.safetensors", model_dir / "pytorch_model.bin"]
-    if any(_nonempty(p) for p in singles):
-        return []
+    present = [p for p in singles if _nonempty(p)]
+    if present:
+        problem = safetensors_problem(present[0])
+        return [problem] if problem else []
     if any(p.exists() for p in singles):
         return ["the weights file is empty (half-downloaded?)"]
     return ["no LLM weights (model.safetensors, model-*.safetensors with an index, or pytorch_model*.bin)"]
+
+
+# safetensors refuses headers above 100 MB; a larger length field is garbage, not a big header.
+SAFETENSORS_MAX_HEADER = 100_000_000
+REDOWNLOAD_HINT = "re-download it with `mio download` (or copy it again)"
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why a .safetensors file is truncated or corrupt, from its header alone; None when it looks whole.
+
+    The file is 8 bytes of little-endian header length, the JSON header, then the tensor data;
+    the header's largest `data_offsets` end says how long the data must be. The tensor data is
+    never read, so this costs one small read even for a 10 GB shard. Other formats pass.
+    """
+    if path.suffix != ".safetensors":
+        return None
+    name = path.name
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                return f"{name} is truncated ({size} bytes, shorter than a safetensors header): {REDOWNLOAD_HINT}"
+            header_length = int.from_bytes(prefix, "little")
+            if header_length > SAFETENSORS_MAX_HEADER:
+                return f"{name} is corrupt (not a safetensors file: bad header length): {REDOWNLOAD_HINT}"
+            if 8 + header_length > size:
+                return (f"{name} is truncated ({size} bytes, its header alone needs {8 + header_length}; "
+                        f"half-downloaded?): {REDOWNLOAD_HINT}")
+            raw = handle.read(header_length)
+    except OSError as exc:
+        return f"{name} cannot be read ({exc.strerror or exc}): {REDOWNLOAD_HINT}"
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = None
+    end = _data_end(header)
+    if end is None:
+        return f"{name} is corrupt (its safetensors header is not valid): {REDOWNLOAD_HINT}"
+    needed = 8 + header_length + end
+    if size < needed:
+        return f"{name} is truncated ({size} of {needed} bytes; half-downloaded?): {REDOWNLOAD_HINT}"
+    return None
+
+
+def _data_end(header: object) -> int | None:
+    """The largest `data_offsets` end in a safetensors header, or None when the header is malformed."""
+    if not isinstance(header, dict):
+        return None
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]
+        ):
+            return None
+        end = max(end, offsets[1])
+    return end
 
 
 def _nonempty(path: Path) -> bool:

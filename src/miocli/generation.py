@@ -87,6 +87,37 @@ def hf_generate_kwargs(settings: GenerationSettings) -> dict[str, Any]:
 
 # ---- constraints ------------------------------------------------------------------------------
 TEXT, IMAGE, SPEECH, DONE = "text", "image", "speech", "done"
+# New tokens a whole segment takes: `<image>`, 32 ids, `</image>`; and the shortest speech,
+# `<spch>`, one frame in each of the four parts (content, timbre0-2), `</spch>`.
+IMAGE_SEGMENT_TOKENS = protocol.IMAGE_TOKENS_PER_IMAGE + 2
+SHORTEST_SPEECH_TOKENS = 2 + protocol.SPEECH_LAYERS_IN_OUTPUT
+
+
+def minimum_new_tokens(output: str, *, prefill: str = "") -> int:
+    """The fewest new tokens in which an answer of kind `output` can hold one whole segment.
+
+    `prefill` is text the prompt already ends with: a prompt pre-filled with `<image>` has
+    opened the segment, so one token less. Text and mixed answers need no minimum (1).
+    """
+    if output == IMAGE:
+        return IMAGE_SEGMENT_TOKENS - (1 if prefill == protocol.IMAGE_BEGIN else 0)
+    if output == SPEECH:
+        return SHORTEST_SPEECH_TOKENS
+    return 1
+
+
+def check_room_for_output(settings: GenerationSettings, output: str, task_name: str, *, prefill: str = "") -> None:
+    """UsageError when --max-new-tokens cannot hold the segment an image or speech task must produce."""
+    if output not in (IMAGE, SPEECH):
+        return
+    needed = minimum_new_tokens(output, prefill=prefill)
+    if settings.max_new_tokens < needed:
+        what = {IMAGE: "an image", SPEECH: "the shortest speech"}[output]
+        raise UsageError(
+            f"--max-new-tokens {settings.max_new_tokens} is too small for {task_name}: {what} takes at "
+            f"least {needed} new tokens",
+            hint=f"pass --max-new-tokens {needed} or more, or leave it out for the task's default",
+        )
 
 
 @dataclass(frozen=True)
@@ -210,8 +241,8 @@ class SegmentConstraint:
         if state.where == SPEECH:
             return self._speech_allowed(state, remaining, device, width)
         # Opening a segment needs room to close it: 34 tokens for an image, 6 for the shortest speech.
-        image_ok = self.allow_images and remaining >= protocol.IMAGE_TOKENS_PER_IMAGE + 2
-        speech_ok = self.allow_speech and remaining >= 2 + protocol.SPEECH_LAYERS_IN_OUTPUT
+        image_ok = self.allow_images and remaining >= IMAGE_SEGMENT_TOKENS
+        speech_ok = self.allow_speech and remaining >= SHORTEST_SPEECH_TOKENS
         key = f"text_allowed:{image_ok}:{speech_ok}"
 
         def allowed_ids() -> list[int]:
@@ -271,11 +302,14 @@ def generate(
     seed: int | None = None,
     constraint_factory: Callable[[int, int], Any] | None = None,
     on_batch_done: Callable[[int], None] | None = None,
+    on_tokens: Callable[[list[int]], None] | None = None,
 ) -> list[list[int]]:
     """New token ids for each prompt (prompt and padding removed, stop token dropped).
 
     Prompts are grouped by length before batching so that left padding stays small; the
-    results come back in the input order.
+    results come back in the input order. `on_tokens` sees the new ids as they are chosen,
+    for one prompt without beam search (a beam's tokens are only final at its end); otherwise
+    it is not called.
     """
     import torch
     from transformers import LogitsProcessorList
@@ -298,6 +332,9 @@ def generate(
         processors = LogitsProcessorList()
         if constraint_factory is not None:
             processors.append(constraint_factory(width, settings.max_new_tokens))
+        streamer = None
+        if on_tokens is not None and len(prompts) == 1 and settings.num_beams == 1:
+            streamer = _TokenStream(on_tokens)
         with torch.inference_mode():
             output = llm.generate(
                 input_ids=ids.to(device),
@@ -305,6 +342,7 @@ def generate(
                 logits_processor=processors,
                 eos_token_id=stop_id,
                 pad_token_id=pad_id,
+                streamer=streamer,
                 **hf_generate_kwargs(settings),
             )
         for row, index in enumerate(chunk):
@@ -317,3 +355,21 @@ def generate(
         if on_batch_done is not None:
             on_batch_done(len(chunk))
     return [results[i] for i in range(len(prompts))]
+
+
+class _TokenStream:
+    """A transformers streamer (put/end) handing each step's new ids to a callback."""
+
+    def __init__(self, callback: Callable[[list[int]], None]) -> None:
+        self.callback = callback
+        self.prompt_seen = False
+
+    def put(self, value: Any) -> None:
+        # generate() first puts the prompt itself; only what follows is new.
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.callback([int(token) for token in value.reshape(-1).tolist()])
+
+    def end(self) -> None:
+        pass

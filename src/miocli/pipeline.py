@@ -41,19 +41,41 @@ class Generated:
     parsed: protocol.ParsedOutput
 
 
+@dataclass(frozen=True)
+class Shot:
+    """One in-context example: how many media items it shows and the answer it should get."""
+
+    media_count: int
+    answer: str
+
+
 def task_prompt_text(
-    task: Task, variant: str, fields: dict[str, str], media_count: int = 0, system: str | None = None
+    task: Task, variant: str, fields: dict[str, str], media_count: int = 0, system: str | None = None,
+    shots: Sequence[Shot] = (),
 ) -> str:
-    """The full prompt text of a task (chat template for Instruct, plain text for Base)."""
+    """The full prompt text of a task (chat template for Instruct, plain text for Base).
+
+    `shots` are in-context examples put before the question, each the same task on its own
+    media with its answer: earlier user/assistant turns for Instruct, earlier "prompt answer"
+    lines for Base. Their media take the first placeholders, in order.
+    """
     template = task.template(variant)
-    user_turn = template.format(media=media_placeholders(task.media, media_count), **fields)
+    turns: list[dict[str, str]] = []
+    start = 0
+    for shot in shots:
+        turns.append({"role": "user", "content": template.format(
+            media=media_placeholders(task.media, shot.media_count, start), **fields)})
+        turns.append({"role": "assistant", "content": shot.answer})
+        start += shot.media_count
+    user_turn = template.format(media=media_placeholders(task.media, media_count, start), **fields)
     if variant == "base":
-        return user_turn
+        examples = "".join(f"{turns[i]['content']} {turns[i + 1]['content']}\n" for i in range(0, len(turns), 2))
+        return examples + user_turn
+    turns.append({"role": "user", "content": user_turn})
     if system is not None:
-        conversation = [{"role": "system", "content": system}, {"role": "user", "content": user_turn}]
-        text = protocol.apply_chat_template([conversation], "custom")[0]
+        text = protocol.apply_chat_template([[{"role": "system", "content": system}, *turns]], "custom")[0]
     else:
-        text = protocol.apply_chat_template([[{"role": "user", "content": user_turn}]], task.mode)[0]
+        text = protocol.apply_chat_template([turns], task.mode)[0]
     return text + task.prefill
 
 
@@ -87,11 +109,28 @@ class Engine:
         return self.runtime.tokenizer.token_to_id(token)
 
     def settings_for(self, task: Task, overrides: GenerationOverrides | None) -> GenerationSettings:
-        preset = PRESETS[task.preset]
-        if overrides is None:
-            return preset
-        overrides.validate()
-        return overrides.apply(preset)
+        settings = PRESETS[task.preset]
+        if overrides is not None:
+            overrides.validate()
+            settings = overrides.apply(settings)
+        # Before the LLM loads: too few new tokens can never hold the image or speech a task must give.
+        from miocli.generation import check_room_for_output
+
+        check_room_for_output(settings, task.output, task.name, prefill=task.prefill)
+        return settings
+
+    @staticmethod
+    def _check_room(task: Task, room: int, prompt_tokens: int, context: int) -> None:
+        """A prompt so long that the image or speech the task must give cannot fit after it."""
+        from miocli.generation import minimum_new_tokens
+
+        needed = minimum_new_tokens(task.output, prefill=task.prefill)
+        if room < needed:
+            raise UsageError(
+                f"the prompt is {prompt_tokens} tokens: the model's context of {context} leaves {room} for the "
+                f"answer, and `{task.name}` needs at least {needed}",
+                hint="shorten the input (fewer frames, a shorter recording or text)",
+            )
 
     def run(
         self,
@@ -103,6 +142,7 @@ class Engine:
         seed: int | None = None,
         constrain: bool = True,
         on_batch_done: Callable[[int], None] | None = None,
+        on_tokens: Callable[[list[int]], None] | None = None,
     ) -> list[Generated]:
         if batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
@@ -117,9 +157,10 @@ class Engine:
                     f"the prompt is {longest} tokens, the model's context is {context}",
                     hint="shorten the input (fewer frames or a shorter recording)",
                 )
-            settings = GenerationOverrides(max_new_tokens=min(settings.max_new_tokens, context - longest)).apply(
-                settings
-            )
+            room = context - longest
+            if room < settings.max_new_tokens:
+                self._check_room(task, room, longest, context)
+                settings = GenerationOverrides(max_new_tokens=room).apply(settings)
         factory = None
         if constrain:
             vocab = MediaVocabulary(tokenizer)
@@ -137,7 +178,7 @@ class Engine:
 
         outputs = generate(
             self.runtime.llm, tokenizer, rows, settings, stop_id=self.stop_id(), batch_size=batch_size,
-            seed=seed, constraint_factory=factory, on_batch_done=on_batch_done,
+            seed=seed, constraint_factory=factory, on_batch_done=on_batch_done, on_tokens=on_tokens,
         )
         results = []
         for prompt, ids in zip(prompts, outputs):

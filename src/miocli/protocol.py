@@ -271,12 +271,16 @@ def parse_output(
     extract: bool = True,
     take_images: bool = True,
     take_speeches: bool = True,
+    image_tokens: int | None = IMAGE_TOKENS_PER_IMAGE,
 ) -> ParsedOutput:
     """Split one decoded output into text with placeholders and its media segments.
 
     Image segments are taken first, then speech, each replaced left to right by its
-    placeholder (numbered per kind from 0). A malformed speech segment stays in the text as
-    it is and is reported in `problems`; the reference raises there and loses everything.
+    placeholder (numbered per kind from 0). A malformed segment stays in the text as it is and
+    is reported in `problems`, the rest is kept: a speech segment that fails
+    `check_speech_completeness` (the reference raises and loses everything), and an image
+    segment without exactly `image_tokens` ids (the image decoder cannot take it). With
+    `image_tokens=None` every image segment is taken, whatever its length, as the reference does.
     """
     if extract:
         text = extract_assistant(text)
@@ -284,8 +288,13 @@ def parse_output(
     if take_images:
         for match in _IMAGE_SEGMENT.finditer(text):
             raw = match.group(0)
+            ids = image_ids_from_string(raw)
+            if image_tokens is not None and len(ids) != image_tokens:
+                reason = f"an image needs exactly {image_tokens} image tokens, found {len(ids)}"
+                parsed.problems.append(BadSegment(kind="image", raw=raw, reason=reason))
+                continue
             parsed.text = parsed.text.replace(raw, image_placeholder(len(parsed.images)), 1)
-            parsed.images.append(ImageSegment(raw=raw, ids=image_ids_from_string(raw)))
+            parsed.images.append(ImageSegment(raw=raw, ids=ids))
     if take_speeches:
         for match in _SPEECH_SEGMENT.finditer(parsed.text):
             raw = match.group(0)

@@ -8,7 +8,9 @@ for `--verbose`.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -102,6 +104,7 @@ def resolve_quantize(spec: str, device: torch.device, weight_bytes: int = LLM_FP
 
 def bitsandbytes_problem(device: torch.device | None = None) -> str | None:
     """Why bitsandbytes cannot quantize here, or None when it can."""
+    quiet_bitsandbytes()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -111,8 +114,70 @@ def bitsandbytes_problem(device: torch.device | None = None) -> str | None:
     return None
 
 
+# Exactly the bitsandbytes messages that are noise for mio, by logger: the int8 path warns on every
+# matmul that it casts bfloat16 inputs to float16 (thousands of lines per answer on CPU), and the
+# import logs that an optional CPU kernel package is absent. Everything else it says gets through.
+_BITSANDBYTES_NOISE = {
+    "bitsandbytes.autograd._functions": r"MatMul8bitLt: inputs will be cast from",
+    "bitsandbytes.backends.cpu.ops": r"Failed to load CPU gemm_4bit_forward from kernels-community",
+}
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
+
+
+def quiet_bitsandbytes() -> None:
+    """Silence the known bitsandbytes noise before it is imported or quantizes (safe to call again)."""
+    # Older releases send the cast notice through warnings instead of logging.
+    warnings.filterwarnings("ignore", message=_BITSANDBYTES_NOISE["bitsandbytes.autograd._functions"])
+    for name, pattern in _BITSANDBYTES_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(pattern))
+
+
+def llm_compute_dtype(dtype: torch.dtype, quantize: str) -> torch.dtype:
+    """The dtype the LLM really computes in: quantized weights never compute in float32 (bfloat16 then)."""
+    import torch
+
+    if quantize in ("8bit", "4bit") and dtype == torch.float32:
+        return torch.bfloat16
+    return dtype
+
+
+_FREEZE_AT_EXIT: list[bool] = []
+
+
+def freeze_objects_at_exit() -> None:
+    """At exit, skip the interpreter's last garbage collection over what torch and the models created.
+
+    That pass walks every object (hundreds of thousands after `import torch`) only to free memory the
+    OS takes back anyway: about 0.25 s of a 3 s `mio tokenize` (benchmarks/speech.py). gc.freeze() in
+    an exit handler moves them out of its reach; other exit handlers still run and objects still go
+    when their last reference does. Registered once per process.
+    """
+    if not _FREEZE_AT_EXIT:
+        import atexit
+        import gc
+
+        atexit.register(gc.freeze)
+        _FREEZE_AT_EXIT.append(True)
+
+
 def memory_in_use() -> int:
     """Resident memory of this process in bytes."""
+    try:
+        # Linux: the number psutil reports, without importing psutil (~10 ms) in every command that loads.
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        pass
     try:
         import psutil
 
@@ -130,6 +195,8 @@ class LoadRecord:
     rss_delta_bytes: int
     parameters: int
     detail: str = ""
+    # parameters per top-level module (e.g. seed: visual_encoder, Qformer, quantize; unclip: unet, vae, ...)
+    breakdown: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -141,6 +208,7 @@ class Runtime:
 
     def __post_init__(self) -> None:
         validate_options(self.options)
+        freeze_objects_at_exit()
 
     # ---- where and how ---------------------------------------------------------------------
     @property
@@ -177,12 +245,15 @@ class Runtime:
         component = loader()
         seconds = time.perf_counter() - start
         parameters = _count_parameters(component)
-        record = LoadRecord(name, seconds, memory_in_use() - rss_before, parameters, detail)
+        record = LoadRecord(name, seconds, memory_in_use() - rss_before, parameters, detail,
+                            _parameter_breakdown(component))
         self.loads.append(record)
         self.log(
             f"loaded {name}{f' ({detail})' if detail else ''} in {seconds:.2f} s, "
             f"{parameters / 1e6:.1f} M parameters, +{record.rss_delta_bytes / 2**20:.0f} MiB resident"
         )
+        if record.breakdown:
+            self.log(f"  {name} parameters: " + ", ".join(f"{k} {v:,}" for k, v in record.breakdown.items()))
         return component
 
     # ---- components ------------------------------------------------------------------------
@@ -204,7 +275,8 @@ class Runtime:
             quantize = resolve_quantize(self.options.quantize, self.device)
             self._components["llm"] = self._timed_load(
                 "llm", lambda: load_llm(self.model_dir, self.device, self.dtype, quantize),
-                detail=f"{self.device}, {str(self.dtype).replace('torch.', '')}, quantize={quantize}",
+                detail=f"{self.device}, {str(llm_compute_dtype(self.dtype, quantize)).replace('torch.', '')}, "
+                f"quantize={quantize}",
             )
         return self._components["llm"]
 
@@ -269,9 +341,25 @@ def _count_parameters(component: Any) -> int:
     return 0
 
 
-def load_llm(model_dir: Path, device: torch.device, dtype: torch.dtype, quantize: str) -> Any:
-    import torch
+def _parameter_breakdown(component: Any) -> dict[str, int]:
+    """Parameters per top-level module of a loaded component, largest first ({} when it holds no modules)."""
+    pipeline = getattr(component, "pipeline", None)
+    if pipeline is not None and isinstance(getattr(pipeline, "components", None), dict):  # diffusers pipeline
+        counts = {name: sum(p.numel() for p in module.parameters())
+                  for name, module in pipeline.components.items() if callable(getattr(module, "parameters", None))}
+    else:
+        module = next((m for m in (component, getattr(component, "model", None), getattr(component, "net", None))
+                       if callable(getattr(m, "named_parameters", None))), None)
+        if module is None:
+            return {}
+        counts = {}
+        for name, parameter in module.named_parameters():
+            top = name.split(".", 1)[0]
+            counts[top] = counts.get(top, 0) + parameter.numel()
+    return dict(sorted(counts.items(), key=lambda item: -item[1]))
 
+
+def load_llm(model_dir: Path, device: torch.device, dtype: torch.dtype, quantize: str) -> Any:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -281,7 +369,8 @@ def load_llm(model_dir: Path, device: torch.device, dtype: torch.dtype, quantize
     if quantize in ("8bit", "4bit"):
         from transformers import BitsAndBytesConfig
 
-        compute = dtype if dtype != torch.float32 else torch.bfloat16
+        quiet_bitsandbytes()
+        compute = llm_compute_dtype(dtype, quantize)
         if quantize == "4bit":
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute

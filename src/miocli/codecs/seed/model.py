@@ -8,8 +8,6 @@ CPU float32 load the parameters are the mapped file pages themselves).
 from __future__ import annotations
 
 import json
-import pickle
-import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import InputError, ModelError
+from ..weights import read_tensor_file
 from . import layout
 from .layout import HeadCounts, LayoutError, SeedDims, VitDims
 from .qformer import QFormer
@@ -246,32 +245,7 @@ def read_heads(folder: Path) -> HeadCounts:
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as exc:
-        if "mmap" not in str(exc):
-            raise _unreadable(path, exc) from exc
-        # pre-zip (legacy) pickles cannot be mapped; read them whole
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as exc2:
-            raise _unreadable(path, exc2) from exc2
-    except (pickle.UnpicklingError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise _unreadable(path, exc) from exc
-    if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        # some releases wrap the weights: {"model": {...}} / {"state_dict": {...}}
-        for wrapper in ("model", "state_dict", "module"):
-            if isinstance(obj.get(wrapper), dict):
-                obj = obj[wrapper]
-                break
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ModelError(f"{path} is not a state dict of tensors", hint="download the file again")
-    return obj
-
-
-def _unreadable(path: Path, exc: BaseException) -> ModelError:
-    return ModelError(f"{path} cannot be read as a PyTorch checkpoint ({exc})",
-                      hint="the file is corrupt or incomplete: download it again")
+    return read_tensor_file(path, hint=f"{path.name} is corrupt or incomplete: download it again")
 
 
 def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:

@@ -9,7 +9,6 @@ then keep only what inference needs: folded conv weights, LSTM weights, codebook
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +18,10 @@ from torch import nn
 
 from miocli.codecs.speech.config import SpeechConfig
 from miocli.codecs.speech.layers import Codebook, SpeechTokenizerNet
+from miocli.codecs.weights import format_keys, read_tensor_file
 from miocli.errors import ModelError
 
 _CKPT_HINT = "re-download the SpeechTokenizer folder of the model (`mio download`)"
-_SHOW = 5  # how many offending keys a message lists
 
 
 @dataclass(frozen=True)
@@ -76,40 +75,13 @@ def checkpoint_layout(config: SpeechConfig) -> list[Entry]:
     return entries
 
 
-def _fmt_keys(keys: list[str]) -> str:
-    shown = ", ".join(keys[:_SHOW])
-    return shown + (f" (+{len(keys) - _SHOW} more)" if len(keys) > _SHOW else "")
-
-
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """torch.load the checkpoint (memory-mapped when the format allows) and check its type."""
+    """The checkpoint's tensors (memory-mapped when the format allows); ModelError when unusable."""
     if not path.is_file():
         raise ModelError(f"SpeechTokenizer weights not found: {path}", _CKPT_HINT)
     if path.stat().st_size == 0:
         raise ModelError(f"SpeechTokenizer weights file is empty (0 bytes): {path}", _CKPT_HINT)
-    try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            # Files written with the legacy (pre-1.6, non-zip) serialisation cannot be mapped.
-            if "mmap" not in str(exc) and "zipfile" not in str(exc):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise ModelError(
-            f"{path} is not a plain tensor checkpoint (refused by torch.load(weights_only=True): "
-            f"{str(exc).splitlines()[0]})",
-            _CKPT_HINT,
-        ) from exc
-    except Exception as exc:  # torch.load on garbage fails in many ways (IndexError, KeyError, ...)
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ModelError(f"{path} is corrupt or not a PyTorch checkpoint ({first})", _CKPT_HINT) from exc
-    if not isinstance(obj, Mapping):
-        raise ModelError(f"{path} holds a {type(obj).__name__}, expected a state dict of tensors", _CKPT_HINT)
-    bad = [str(k) for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ModelError(f"{path} holds non-tensor entries: {_fmt_keys(bad)}", _CKPT_HINT)
-    return dict(obj)
+    return read_tensor_file(path, _CKPT_HINT)
 
 
 def validate(state: Mapping[str, torch.Tensor], config: SpeechConfig, path: Path) -> None:
@@ -126,13 +98,13 @@ def validate(state: Mapping[str, torch.Tensor], config: SpeechConfig, path: Path
     not_float = [f"{k} ({state[k].dtype})" for k in expected if k in state and not state[k].is_floating_point()]
     problems = []
     if missing:
-        problems.append(f"missing keys: {_fmt_keys(missing)}")
+        problems.append(f"missing keys: {format_keys(missing)}")
     if unexpected:
-        problems.append(f"unexpected keys: {_fmt_keys(unexpected)}")
+        problems.append(f"unexpected keys: {format_keys(unexpected)}")
     if wrong:
-        problems.append(f"wrong shapes: {_fmt_keys(wrong)}")
+        problems.append(f"wrong shapes: {format_keys(wrong)}")
     if not_float:
-        problems.append(f"non-float tensors: {_fmt_keys(not_float)}")
+        problems.append(f"non-float tensors: {format_keys(not_float)}")
     if problems:
         raise ModelError(
             f"{path} does not match its config.json: " + "; ".join(problems),
