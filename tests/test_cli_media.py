@@ -190,7 +190,7 @@ def test_caption_loads_neither_diffusion_nor_speech(tiny_model, media):
     from miocli.tasks import TASKS
 
     mio = Mio(str(tiny_model), device="cpu")
-    run_jobs(mio, TASKS["caption"], [image_job(media / "red.png", TASKS["caption"], {}, mio.runtime)],
+    run_jobs(mio, TASKS["caption"], [image_job(media / "red.png", {}, mio.runtime)],
              BatchSettings(out=None, as_json=True), GenerationOptions(max_new_tokens=2, beams=1))
     assert set(mio.runtime.loaded()) == {"seed", "tokenizer", "llm"}
     assert mio.runtime._components["seed"][0] == frozenset({"encoder"})

@@ -13,7 +13,7 @@ import soundfile as sf
 
 import miocli
 from miocli.errors import InputError, UsageError
-from miocli.media.audio import is_silent, read_audio, split_for_prompt, write_audio
+from miocli.media.audio import format_duration, is_silent, read_audio, split_for_prompt, write_audio
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "speech"
 
@@ -267,3 +267,24 @@ def test_split_exact_and_odd_lengths() -> None:
 def test_split_rejects_non_positive_length() -> None:
     with pytest.raises(UsageError, match="positive"):
         split_for_prompt(np.zeros(10, np.float32), 0)
+
+
+def test_split_parts_fit_the_frames_of_a_prompt() -> None:
+    # run_jobs asks for parts of `frames / 50` seconds; each must encode to at most `frames` frames
+    # of 320 samples, whatever the float rounding of that length.
+    samples = (0.3 * np.random.default_rng(3).standard_normal(20 * 16000)).astype(np.float32)
+    for frames in (37, 169, 171, 333):
+        chunks = split_for_prompt(samples, frames / 50)
+        _check_cover(chunks, len(samples), frames * 320)
+        assert all(-(-(e - s) // 320) <= frames for s, e in chunks)
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+
+def test_format_duration() -> None:
+    assert format_duration(0) == "0.00 s"
+    assert format_duration(3.38) == "3.38 s"
+    assert format_duration(59.994) == "59.99 s"
+    assert format_duration(95.25) == "95.2 s (1:35)"
+    assert format_duration(3725.0) == "3725.0 s (1:02:05)"

@@ -153,3 +153,14 @@ def split_for_prompt(samples: np.ndarray, max_seconds: float, sample_rate: int =
         start = cut
     chunks.append((start, total))
     return chunks
+
+
+def format_duration(seconds: float) -> str:
+    """A duration for messages: '3.38 s' below a minute, '95.3 s (1:35)' or '3725.0 s (1:02:05)' above."""
+    if seconds < 60:
+        return f"{seconds:.2f} s"
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    clock = f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+    return f"{seconds:.1f} s ({clock})"
