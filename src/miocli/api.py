@@ -136,12 +136,14 @@ class Mio:
         prompts: Sequence[Prompt],
         options: GenerationOptions | None = None,
         on_batch_done: Callable[[int], None] | None = None,
+        on_tokens: Callable[[list[int]], None] | None = None,
     ) -> list[Reply]:
+        """Generate for every prompt; `on_tokens` watches a single unbeamed prompt's ids as they come."""
         task = TASKS[task] if isinstance(task, str) else task
         options = options or GenerationOptions()
         generated = self.engine.run(
             task, prompts, overrides=options.overrides(), batch_size=options.batch_size, seed=options.seed,
-            constrain=options.constrain, on_batch_done=on_batch_done,
+            constrain=options.constrain, on_batch_done=on_batch_done, on_tokens=on_tokens,
         )
         return [_reply(g) for g in generated]
 

@@ -19,6 +19,7 @@ import typer
 
 from miocli.cli_options import Common, emit_json, err, fail, with_options
 from miocli.errors import InputError, UsageError
+from miocli.media.video import DEFAULT_MAX_FRAMES
 
 app = typer.Typer(
     name="mio",
@@ -34,6 +35,21 @@ RecursiveOpt = Annotated[bool, typer.Option("--recursive", "-r", help="Walk fold
 StepsOpt = Annotated[int, typer.Option("--steps", help="Diffusion steps.", rich_help_panel=PIXELS)]
 GuidanceOpt = Annotated[float, typer.Option("--guidance", help="Guidance scale.", rich_help_panel=PIXELS)]
 SizeOpt = Annotated[int, typer.Option("--size", help="Output side in pixels.", rich_help_panel=PIXELS)]
+FRAMES = "Video frames"
+# media/video.py explains the default: 75 frames × 34 tokens leave room in the 4096-token
+# context for the question and a full answer.
+MaxFramesOpt = Annotated[int, typer.Option("--max-frames", help="At most this many keyframes per video (each "
+                                           "costs 34 prompt tokens).", rich_help_panel=FRAMES)]
+UniformOpt = Annotated[bool, typer.Option("--uniform", help="Evenly spaced frames instead of one per scene.",
+                                          rich_help_panel=FRAMES)]
+ThresholdOpt = Annotated[float | None, typer.Option("--threshold", help="Scene-cut threshold, 0-255 (lower finds "
+                                                    "more cuts; default 27).", rich_help_panel=FRAMES)]
+ExampleOpt = Annotated[list[str] | None, typer.Option("--example", metavar="MEDIA ANSWER", help="An in-context "
+                                                      "example: a media file and the answer it should get "
+                                                      "(repeatable; few-shot prompt).")]
+# --example takes two values; Typer cannot declare a repeatable two-value option, so `main`
+# joins each pair into one value with this separator before Typer parses the line.
+EXAMPLE_SEPARATOR = "\x1f"
 
 
 # ---- plumbing ---------------------------------------------------------------------------------
@@ -307,16 +323,12 @@ def _run_task(task: Any, jobs_for: Callable[[Any], list[Any]], opts: Common, *, 
     mio = opts.make_mio()
     jobs = jobs_for(mio.runtime)
     if opts.show_prompt:
-        from miocli.pipeline import Prompt, task_prompt_text
-
         for job in jobs:
-            media = job.load_media() if job.load_media else []
-            images, speeches = job.media_strings(media) if job.media_strings else ([], [])
-            text = task_prompt_text(task, mio.variant, job.fields, len(images) or len(speeches))
+            prompt = job.prompt(task, mio.variant)
             if opts.as_json:
-                emit_json({"prompt": text, "input_ids": mio.prompt_ids(Prompt(text, images, speeches))})
+                emit_json({"prompt": prompt.text, "input_ids": mio.prompt_ids(prompt)})
             else:
-                print_prompt(mio, text, False)
+                print_prompt(mio, prompt.text, False)
         return 0
     settings = BatchSettings(out=opts.open_output(), as_json=opts.as_json, show_names=len(jobs) > 1)
     if pixel is not None:
@@ -325,24 +337,81 @@ def _run_task(task: Any, jobs_for: Callable[[Any], list[Any]], opts: Common, *, 
     return 1 if failures else 0
 
 
-def _image_jobs(paths: list[str], recursive: bool, task_name: str, fields: dict[str, str]) -> Callable[[Any], list]:
-    def build(runtime: Any) -> list[Any]:
-        from miocli.batch import expand_inputs, image_job
-        from miocli.tasks import IMAGE, TASKS
+def _media_kind(path: str) -> str:
+    """Image, audio or video, by the file's extension (images are the default)."""
+    from miocli.batch import EXTENSIONS
+    from miocli.tasks import AUDIO, IMAGE, VIDEO
 
-        return [image_job(p, TASKS[task_name], fields, runtime) for p in expand_inputs(paths, IMAGE, recursive)]
+    suffix = Path(path).suffix.lower()
+    return next((kind for kind in (AUDIO, VIDEO) if suffix in EXTENSIONS[kind]), IMAGE)
+
+
+def _frame_options(max_frames: int, uniform: bool, threshold: float | None) -> Any:
+    from miocli.video_tasks import FrameOptions
+
+    if max_frames < 1:
+        raise UsageError(f"--max-frames must be at least 1 (got {max_frames})")
+    if threshold is not None and not 0 < threshold <= 255:
+        raise UsageError(f"--threshold must be between 0 and 255 (got {threshold})")
+    return FrameOptions(max_frames=max_frames, uniform=uniform, threshold=threshold)
+
+
+def _media_jobs(kind: str, paths: list[str], recursive: bool, fields: dict[str, str],
+                frames: Any = None) -> Callable[[Any], list]:
+    """A builder of one job per input file of `kind` (files, folders, globs or '-')."""
+
+    def build(runtime: Any) -> list[Any]:
+        from miocli.batch import audio_job, expand_inputs, image_job
+        from miocli.tasks import AUDIO, IMAGE
+
+        found = expand_inputs(paths, kind, recursive)
+        if kind == IMAGE:
+            return [image_job(p, fields, runtime) for p in found]
+        if kind == AUDIO:
+            return [audio_job(p, fields, runtime) for p in found]
+        from miocli.video_tasks import FrameOptions, video_job
+
+        return [video_job(p, fields, runtime, frames or FrameOptions()) for p in found]
 
     return build
 
 
-def _audio_jobs(paths: list[str], recursive: bool, fields: dict[str, str]) -> Callable[[Any], list]:
-    def build(runtime: Any) -> list[Any]:
-        from miocli.batch import audio_job, expand_inputs
-        from miocli.tasks import AUDIO
+def _examples(values: list[str] | None, kind: str) -> list[tuple[str, str]]:
+    """--example pairs (MEDIA, ANSWER); each must be the same kind of media as the input."""
+    pairs = []
+    for value in values or []:
+        media, separator, answer = value.partition(EXAMPLE_SEPARATOR)
+        if not separator:
+            raise UsageError("--example needs two values: a media file and its answer",
+                             hint='e.g. --example cat.png "A cat asleep on a sofa."')
+        if not answer.strip():
+            raise UsageError(f"--example {media}: the answer is empty")
+        if _media_kind(media) != kind:
+            raise UsageError(f"--example {media} is {_media_kind(media)}, the input is {kind}",
+                             hint=f"give {kind} examples for a {kind} input")
+        pairs.append((media, answer.strip()))
+    return pairs
 
-        return [audio_job(p, fields, runtime) for p in expand_inputs(paths, AUDIO, recursive)]
 
-    return build
+def _with_examples(build: Callable[[Any], list], pairs: list[tuple[str, str]], fields: dict[str, str],
+                   frames: Any = None) -> Callable[[Any], list]:
+    """Give every job the in-context examples (loaded once per job, like its own media)."""
+    if not pairs:
+        return build
+
+    def build_with_examples(runtime: Any) -> list[Any]:
+        from miocli.batch import Example
+
+        jobs = build(runtime)
+        examples = []
+        for media, answer in pairs:
+            [example_job] = _media_jobs(_media_kind(media), [media], False, fields, frames)(runtime)
+            examples.append(Example(example_job, answer))
+        for job in jobs:
+            job.examples = examples
+        return jobs
+
+    return build_with_examples
 
 
 def _text_jobs(texts: list[str], field_name: str) -> Callable[[Any], list]:
@@ -366,29 +435,37 @@ def _pixel_options(steps: int, guidance: float, size: int, seed: int | None) -> 
 def caption(
     images: Annotated[list[str], typer.Argument(help="Image files, folders, globs, or '-' (paths on stdin).")],
     recursive: RecursiveOpt = False,
+    example: ExampleOpt = None,
     *, opts: Common,
 ) -> int:
     """Describe images (folders are captioned in batches with one model load)."""
-    return _run_task("caption", _image_jobs(images, recursive, "caption", {}), opts)
+    from miocli.tasks import IMAGE
+
+    jobs = _media_jobs(IMAGE, images, recursive, {})
+    return _run_task("caption", _with_examples(jobs, _examples(example, IMAGE), {}), opts)
 
 
 @app.command()
 @with_options("runtime", "generation", "json", "prompt")
 def ask(
-    media: Annotated[str, typer.Argument(help="An image or audio file.")],
+    media: Annotated[str, typer.Argument(help="An image, audio or video file.")],
     question: Annotated[str, typer.Argument(help="The question or instruction.")],
+    example: ExampleOpt = None,
+    max_frames: MaxFramesOpt = DEFAULT_MAX_FRAMES, uniform: UniformOpt = False, threshold: ThresholdOpt = None,
     *, opts: Common,
 ) -> int:
-    """Ask about an image or a recording."""
-    from miocli.batch import EXTENSIONS
-    from miocli.tasks import AUDIO
+    """Ask about an image, a recording or a video (--example adds solved examples first)."""
+    from miocli.tasks import AUDIO, VIDEO
 
     text = read_text_argument(question, "question")
-    options = opts.generation(batch_size=1)
-    if Path(media).suffix.lower() in EXTENSIONS[AUDIO]:
-        return _run_task("ask-audio", _audio_jobs([media], False, {"instruction": text}), opts, options=options)
-    return _run_task("ask-image", _image_jobs([media], False, "ask-image", {"question": text}), opts,
-                     options=options)
+    kind = _media_kind(media)
+    task_name, field = {AUDIO: ("ask-audio", "instruction"), VIDEO: ("ask-video", "question")}.get(
+        kind, ("ask-image", "question"))
+    fields = {field: text}
+    frames = _frame_options(max_frames, uniform, threshold)
+    jobs = _with_examples(_media_jobs(kind, [media], False, fields, frames), _examples(example, kind), fields,
+                          frames)
+    return _run_task(task_name, jobs, opts, options=opts.generation(batch_size=1))
 
 
 @app.command()
@@ -431,7 +508,7 @@ def edit(
     """Edit an image following an instruction (the answer is pre-filled with <image>)."""
     from dataclasses import replace
 
-    from miocli.tasks import TASKS
+    from miocli.tasks import IMAGE, TASKS
 
     text = read_text_argument(instruction, "instruction")
     task = TASKS["edit"]
@@ -439,7 +516,7 @@ def edit(
         if "{media}" not in template or "{instruction}" not in template:
             raise UsageError("--template needs both {media} and {instruction}")
         task = replace(task, instruct=template)
-    return _run_task(task, _image_jobs([image], False, "edit", {"instruction": text}), opts,
+    return _run_task(task, _media_jobs(IMAGE, [image], False, {"instruction": text}), opts,
                      options=opts.generation(batch_size=1), pixel=_pixel_options(steps, guidance, size, opts.seed))
 
 
@@ -542,7 +619,9 @@ def asr(
     *, opts: Common,
 ) -> int:
     """Transcribe speech."""
-    return _run_task("asr", _audio_jobs(audio, recursive, {}), opts)
+    from miocli.tasks import AUDIO
+
+    return _run_task("asr", _media_jobs(AUDIO, audio, recursive, {}), opts)
 
 
 @app.command()
@@ -579,14 +658,156 @@ def speech2speech(
     *, opts: Common,
 ) -> int:
     """Answer spoken input with speech."""
-    return _run_task("speech2speech", _audio_jobs(audio, recursive, {}), opts)
+    from miocli.tasks import AUDIO
+
+    return _run_task("speech2speech", _media_jobs(AUDIO, audio, recursive, {}), opts)
+
+
+# ---- video and composite tasks ------------------------------------------------------------------
+@app.command()
+@with_options("json", "write")
+def keyframes(
+    videos: Annotated[list[str], typer.Argument(help="Video files, folders, globs, or '-' (paths on stdin).")],
+    recursive: RecursiveOpt = False,
+    max_frames: MaxFramesOpt = DEFAULT_MAX_FRAMES, uniform: UniformOpt = False, threshold: ThresholdOpt = None,
+    *, opts: Common,
+) -> int:
+    """Write the keyframes MIO would see (one per scene, in order) and keyframes.json; no model needed."""
+    from miocli.batch import expand_inputs
+    from miocli.tasks import VIDEO
+    from miocli.video_tasks import write_keyframes
+
+    frames = _frame_options(max_frames, uniform, threshold)
+    if opts.output_dir is None:
+        raise UsageError("`mio keyframes` writes files", hint="pass -o DIR")
+    paths = expand_inputs(videos, VIDEO, recursive)
+    entries, failures = write_keyframes(paths, opts.open_output(), frames)
+    if opts.as_json:
+        sys.stdout.write(json.dumps(entries, ensure_ascii=False) + "\n")
+    else:
+        for entry in entries:
+            print(f"{opts.output_dir / entry['file']}\t{entry['time_s']:.3f}s\tscene {entry['scene']}")
+    return 1 if failures else 0
+
+
+@app.command("video-caption")
+@with_options("runtime", "generation", "batch", "json", "prompt", "output")
+def video_caption(
+    videos: Annotated[list[str], typer.Argument(help="Video files, folders, globs, or '-' (paths on stdin).")],
+    recursive: RecursiveOpt = False,
+    max_frames: MaxFramesOpt = DEFAULT_MAX_FRAMES, uniform: UniformOpt = False, threshold: ThresholdOpt = None,
+    *, opts: Common,
+) -> int:
+    """Describe videos from their keyframes."""
+    from miocli.tasks import VIDEO
+
+    frames = _frame_options(max_frames, uniform, threshold)
+    return _run_task("video-caption", _media_jobs(VIDEO, videos, recursive, {}, frames), opts)
+
+
+@app.command("video-gen")
+@with_options("runtime", "generation", "json", "output")
+def video_gen(
+    descriptions: Annotated[list[str], typer.Argument(help="What happens in the video ('-' reads one per "
+                                                      "line).")],
+    fps: Annotated[float, typer.Option("--fps", help="Frame rate of the assembled mp4.")] = 2.0,
+    steps: StepsOpt = 20, guidance: GuidanceOpt = 10.0, size: SizeOpt = 768,
+    *, opts: Common,
+) -> int:
+    """Generate a video as a sequence of keyframes: the frames as images plus an mp4."""
+    import math
+
+    from miocli.video_tasks import run_video_gen
+
+    if not (math.isfinite(fps) and fps > 0):
+        raise UsageError(f"--fps must be a positive number (got {fps})")
+    texts = _expand_text_inputs(descriptions, "description")
+    options = opts.generation(batch_size=1)
+    out = opts.open_output()
+    if out is None:
+        raise UsageError("`mio video-gen` writes files", hint="pass -o DIR")
+    mio = opts.make_mio()
+    jobs = _text_jobs(texts, "description")(mio.runtime)
+    failures = run_video_gen(mio, jobs, out, options, _pixel_options(steps, guidance, size, opts.seed), fps,
+                             opts.as_json)
+    return 1 if failures else 0
+
+
+@app.command()
+@with_options("runtime", "generation", "json", "write")
+def interleave(
+    topic: Annotated[str, typer.Argument(help="What the story is about: the prompt is \"Generate a visual story "
+                                          "about TOPIC.\" ('-' reads stdin).")],
+    steps: StepsOpt = 20, guidance: GuidanceOpt = 10.0, size: SizeOpt = 768,
+    *, opts: Common,
+) -> int:
+    """Generate interleaved text and images: story.md with the text and image links, and the images."""
+    from miocli.composite import run_interleave
+
+    text = read_text_argument(topic, "topic").strip().rstrip(".")
+    options = opts.generation(batch_size=1)
+    out = opts.open_output()
+    if out is None:
+        raise UsageError("`mio interleave` writes files", hint="pass -o DIR")
+    return run_interleave(opts.make_mio(), text, out, options, _pixel_options(steps, guidance, size, opts.seed),
+                          opts.as_json)
+
+
+@app.command("cot-visual")
+@with_options("runtime", "generation", "json", "write")
+def cot_visual(
+    question: Annotated[str, typer.Argument(help="The question ('-' reads stdin).")],
+    image: Annotated[Path | None, typer.Option("--image", help="An image the question is about.")] = None,
+    show_steps: Annotated[bool, typer.Option("--show-steps", help="Also print the first stage: the drawn "
+                                             "image and any text written with it.")] = False,
+    steps: StepsOpt = 20, guidance: GuidanceOpt = 10.0, size: SizeOpt = 768,
+    *, opts: Common,
+) -> int:
+    """Chain of visual thought: draw an illustrating image, then answer with it in context."""
+    from miocli.composite import run_cot_visual
+
+    text = read_text_argument(question, "question").strip()
+    options = opts.generation(batch_size=1)
+    out = opts.open_output()
+    if out is None:
+        raise UsageError("`mio cot-visual` writes the illustrating image", hint="pass -o DIR")
+    return run_cot_visual(opts.make_mio(), text, image, out, options,
+                          _pixel_options(steps, guidance, size, opts.seed), opts.as_json, show_steps)
+
+
+def join_example_values(argv: list[str]) -> list[str]:
+    """`--example MEDIA ANSWER` → `--example MEDIA<sep>ANSWER`, the one value Typer can take."""
+    joined: list[str] = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if token == "--":
+            joined.extend(argv[index:])
+            break
+        # A value that looks like an option means the pair is incomplete: left alone, it gets
+        # the "needs two values" error instead of swallowing the option.
+        if token == "--example" and index + 2 < len(argv) and not _is_option(*argv[index + 1:index + 3]):
+            joined += [token, argv[index + 1] + EXAMPLE_SEPARATOR + argv[index + 2]]
+            index += 3
+            continue
+        if token.startswith("--example=") and index + 1 < len(argv) and not _is_option(argv[index + 1]):
+            joined += ["--example", token.split("=", 1)[1] + EXAMPLE_SEPARATOR + argv[index + 1]]
+            index += 2
+            continue
+        joined.append(token)
+        index += 1
+    return joined
+
+
+def _is_option(*tokens: str) -> bool:
+    return any(token.startswith("--") for token in tokens)
 
 
 def main(argv: list[str] | None = None) -> None:
     # Busy-waiting OpenMP threads made CPU encodes 3-6x slower whenever another process held a core
     # (benchmarks/speech.py); passive waiting costs little on an idle machine.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    app(args=argv, prog_name="mio")
+    app(args=join_example_values(sys.argv[1:] if argv is None else argv), prog_name="mio")
 
 
 if __name__ == "__main__":

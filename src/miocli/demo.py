@@ -20,6 +20,24 @@ def _fresh_folder(requested: Path | None) -> Path:
     return candidate
 
 
+def _demo_video(folder: Path) -> Path:
+    """Three one-second solid-colour scenes with a little noise: two cuts to find."""
+    import cv2
+    import numpy as np
+
+    path = folder / "inputs" / "scenes.mp4"
+    rng = np.random.default_rng(0)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (128, 96))
+    try:
+        for colour in [(120, 20, 20), (30, 230, 230), (20, 20, 140)]:
+            for _ in range(10):
+                frame = np.full((96, 128, 3), colour, np.int16) + rng.normal(0, 3, (96, 128, 3))
+                writer.write(np.clip(frame, 0, 255).astype(np.uint8))
+    finally:
+        writer.release()
+    return path
+
+
 def _demo_media(folder: Path) -> tuple[Path, Path]:
     """A synthetic picture and a two-tone recording to feed the media tasks."""
     import numpy as np
@@ -41,10 +59,12 @@ def _demo_media(folder: Path) -> tuple[Path, Path]:
 def run_demo(output_dir: Path | None, *, verbose: bool = False) -> int:
     from miocli.api import GenerationOptions, Mio
     from miocli.batch import BatchSettings, Job, audio_job, image_job, run_jobs
+    from miocli.composite import run_cot_visual, run_interleave
     from miocli.mediatokens import PixelOptions
     from miocli.outputs import OutputDir
     from miocli.tasks import TASKS
     from miocli.tiny import ensure_tiny_checkpoint
+    from miocli.video_tasks import FrameOptions, run_video_gen, video_job, write_keyframes
 
     def say(message: str) -> None:
         print(f"mio demo: {message}", file=sys.stderr)
@@ -73,19 +93,36 @@ def run_demo(output_dir: Path | None, *, verbose: bool = False) -> int:
     settings = BatchSettings(out=out, as_json=False, pixel=PixelOptions(steps=2, size=64, seed=0))
     runtime = instruct.runtime
     runs = [
-        ("caption", [image_job(image_path, TASKS["caption"], {}, runtime)], options),
-        ("ask-image", [image_job(image_path, TASKS["ask-image"], {"question": "What colour is it?"}, runtime)],
+        ("caption", [image_job(image_path, {}, runtime)], options),
+        ("ask-image", [image_job(image_path, {"question": "What colour is it?"}, runtime)],
          options),
         ("imagine", [Job(name="a red kite", stem="kite", fields={"caption": "a red kite"})], image_options),
-        ("edit", [image_job(image_path, TASKS["edit"], {"instruction": "make it blue"}, runtime)], image_options),
+        ("edit", [image_job(image_path, {"instruction": "make it blue"}, runtime)], image_options),
         ("asr", [audio_job(audio_path, {}, runtime)], options),
         ("ask-audio", [audio_job(audio_path, {"instruction": "What is this sound?"}, runtime)], options),
         ("tts", [Job(name="hello world", stem="hello", fields={"text": "hello world"})], speech_options),
         ("speak", [Job(name="say hi", stem="hi", fields={"question": "Say hi."})], speech_options),
     ]
+    video_path = _demo_video(out.path)
+    frames = FrameOptions(max_frames=4)
+    runs += [
+        ("video-caption", [video_job(video_path, {}, runtime, frames)], options),
+        ("ask-video", [video_job(video_path, {"question": "What happens?"}, runtime, frames)], options),
+    ]
     failures = 0
     for task_name, jobs, task_options in runs:
         say(f"running {task_name}")
         failures += run_jobs(instruct, TASKS[task_name], jobs, settings, task_options)
+    say("running keyframes")
+    failures += write_keyframes([video_path], OutputDir(out.path / "keyframes"), frames)[1]
+    say("running video-gen")
+    failures += run_video_gen(instruct, [Job(name="a kite flying", stem="kite", fields={"description": "a kite"})],
+                              out, GenerationOptions(max_new_tokens=80, seed=0), settings.pixel, 2.0, False)
+    say("running interleave")
+    failures += run_interleave(instruct, "a red kite", OutputDir(out.path / "story"),
+                               GenerationOptions(max_new_tokens=120, seed=0), settings.pixel, False)
+    say("running cot-visual")
+    failures += run_cot_visual(instruct, "How many legs has a cat?", image_path, out, image_options,
+                               settings.pixel, False, False)
     say(f"outputs (and manifest.jsonl) written to {out.path.resolve()} in {time.perf_counter() - start:.1f} s")
     return 1 if failures else 0

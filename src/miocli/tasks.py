@@ -58,6 +58,8 @@ def raise_variant_error(task: str, needed: str) -> None:
     )
 
 
+COT_DRAW_REQUEST = "Before answering, draw an image that illustrates the reasoning."
+
 TASKS: dict[str, Task] = {
     t.name: t
     for t in [
@@ -88,11 +90,20 @@ TASKS: dict[str, Task] = {
         Task("video-gen", "Please generate a video for ``{description}''", None, preset="video_gen",
              output=IMAGE_OUT, force_open=protocol.IMAGE_BEGIN),
         Task("interleave", "Generate a visual story about {topic}.", None, preset="interleave", output=MIXED_OUT),
+        # Chain of visual thought has no prompt in the reference. Stage one follows the lmms-eval
+        # wrapper's shape (image first, then the text; the answer pre-filled with <image>); stage
+        # two is the image question with the given and the drawn image in context.
+        Task("cot-draw", f"{{media}}\n{{question}}\n{COT_DRAW_REQUEST}", None, preset="image", media=IMAGE,
+             output=IMAGE_OUT, prefill=protocol.IMAGE_BEGIN),
+        Task("cot-draw-text", f"{{question}}\n{COT_DRAW_REQUEST}", None, preset="image", output=IMAGE_OUT,
+             prefill=protocol.IMAGE_BEGIN),
+        Task("cot-answer", "{media}\n{question}", None, media=IMAGE),
     ]
 }
 
 
-def media_placeholders(kind: str | None, count: int) -> str:
+def media_placeholders(kind: str | None, count: int, start: int = 0) -> str:
+    """Placeholders number `start`..`start + count - 1`: earlier turns of a prompt may hold media too."""
     if kind == AUDIO:
-        return "".join(protocol.speech_placeholder(i) for i in range(count))
-    return "".join(protocol.image_placeholder(i) for i in range(count))
+        return "".join(protocol.speech_placeholder(i) for i in range(start, start + count))
+    return "".join(protocol.image_placeholder(i) for i in range(start, start + count))
