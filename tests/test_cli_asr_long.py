@@ -200,3 +200,16 @@ def test_tokenize_audio_imports_nothing_for_the_llm_or_images(tiny_model, record
     unwanted = {"transformers", "diffusers", "cv2", "scenedetect", "sentencepiece", "PIL", "psutil",
                 "miocli.tokenizer", "miocli.codecs.seed"}
     assert not unwanted & imported, sorted(unwanted & imported)
+
+
+def test_print_prompt_shows_every_part_of_a_long_recording(short_context_model, recordings):
+    long_path, short_path, _ = recordings
+    done = run_mio("asr", str(long_path), str(short_path), "--model", str(short_context_model), *ASR,
+                   "--print-prompt", "--json")
+    assert done.returncode == 0, done.stderr
+    prompts = [json.loads(line) for line in done.stdout.splitlines()]
+    mio = Mio(str(short_context_model), device="cpu")
+    budget = PromptBudget.for_task(mio, TASKS["asr"], GenerationOptions(max_new_tokens=8, beams=1))
+    parts = budget.fit(audio_job(long_path, {}, mio.runtime), [read_audio(long_path)])
+    assert len(prompts) == len(parts) + 1
+    assert all(len(p["input_ids"]) <= CONTEXT - 8 for p in prompts)

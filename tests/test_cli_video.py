@@ -119,6 +119,7 @@ def test_keyframes_bad_inputs(clips, tmp_path):
 
     again = run_mio("keyframes", str(clips["three"]), "-o", str(out))
     assert again.returncode != 0 and "already exists" in again.stderr
+    assert "--skip-existing" not in again.stderr  # keyframes has no such option to offer
 
     missing_out = run_mio("keyframes", str(clips["three"]))
     assert missing_out.returncode == 2 and "-o DIR" in missing_out.stderr

@@ -70,12 +70,9 @@ class Job:
     # In-context examples put before this job's question (`--example MEDIA ANSWER`).
     examples: list[Example] = field(default_factory=list)
 
-    def prompt(self, task: Task, variant: str) -> Prompt:
-        """This job's prompt: its in-context examples, then the task on all of its media."""
-        return self.media_prompt(task, variant, self.load_media() if self.load_media else [])
-
     def media_prompt(self, task: Task, variant: str, media: list[Any]) -> Prompt:
-        """The prompt for `media` (all of this job's media, or one part of a long recording)."""
+        """The prompt for `media` (all of this job's media, or one part of a long recording),
+        after the job's in-context examples."""
         shots: list[Shot] = []
         images: list[str] = []
         speeches: list[str] = []
@@ -135,10 +132,9 @@ def run_jobs(mio: Any, task: Task, jobs: list[Job], settings: BatchSettings, opt
     error for the other audio tasks.
     """
     failures = 0
-    runtime = mio.runtime
     if task.output in ("image", "speech", "mixed") and settings.out is None:
         raise UsageError(f"`mio {task.name}` writes files", hint="pass -o DIR")
-    budget = PromptBudget.for_task(mio, task, options) if task.media == AUDIO else None
+    budget = prompt_budget(mio, task, options)
     prompts: list[Prompt] = []
     ready: list[tuple[Job, int]] = []  # each job with its number of prompts (parts)
     for job in jobs:
@@ -148,11 +144,7 @@ def run_jobs(mio: Any, task: Task, jobs: list[Job], settings: BatchSettings, opt
             print(f"mio: skipping {job.name}: its output exists", file=sys.stderr)
             continue
         try:
-            media = job.load_media() if job.load_media else []
-            parts = [media]
-            if budget is not None and job.speech_tokens_per_frame:
-                parts = budget.fit(job, media)
-            job_prompts = [job.media_prompt(task, runtime.variant, part) for part in parts]
+            job_prompts = job_prompts_for(mio, task, job, budget)
         except MioError as exc:
             _report(job, exc)
             failures += 1
@@ -172,6 +164,20 @@ def run_jobs(mio: Any, task: Task, jobs: list[Job], settings: BatchSettings, opt
             _report(job, exc)
             failures += 1
     return failures
+
+
+def prompt_budget(mio: Any, task: Task, options: Any) -> PromptBudget | None:
+    """The speech budget of an audio task's prompts (None for tasks without recordings)."""
+    return PromptBudget.for_task(mio, task, options) if task.media == AUDIO else None
+
+
+def job_prompts_for(mio: Any, task: Task, job: Job, budget: PromptBudget | None) -> list[Prompt]:
+    """A job's prompts: one, or one per part of a recording too long for one prompt."""
+    media = job.load_media() if job.load_media else []
+    parts = [media]
+    if budget is not None and job.speech_tokens_per_frame:
+        parts = budget.fit(job, media)
+    return [job.media_prompt(task, mio.runtime.variant, part) for part in parts]
 
 
 @dataclass(frozen=True)

@@ -323,12 +323,16 @@ def _run_task(task: Any, jobs_for: Callable[[Any], list[Any]], opts: Common, *, 
     mio = opts.make_mio()
     jobs = jobs_for(mio.runtime)
     if opts.show_prompt:
+        from miocli.batch import job_prompts_for, prompt_budget
+
+        budget = prompt_budget(mio, task, options)
         for job in jobs:
-            prompt = job.prompt(task, mio.variant)
-            if opts.as_json:
-                emit_json({"prompt": prompt.text, "input_ids": mio.prompt_ids(prompt)})
-            else:
-                print_prompt(mio, prompt.text, False)
+            # A long recording shows the prompt of each part it will be split into.
+            for prompt in job_prompts_for(mio, task, job, budget):
+                if opts.as_json:
+                    emit_json({"prompt": prompt.text, "input_ids": mio.prompt_ids(prompt)})
+                else:
+                    print_prompt(mio, prompt.text, False)
         return 0
     settings = BatchSettings(out=opts.open_output(), as_json=opts.as_json, show_names=len(jobs) > 1)
     if pixel is not None:

@@ -54,6 +54,8 @@ class Common:
     output_dir: Path | None = None
     overwrite: bool = False
     skip_existing: bool = False
+    # Whether the command has --skip-existing at all, so error hints only offer what exists.
+    offers_skip_existing: bool = False
 
     def make_mio(self, quantize: str | None = None) -> Any:
         from miocli.api import Mio
@@ -82,7 +84,8 @@ class Common:
             return None
         from miocli.outputs import OutputDir
 
-        return OutputDir(self.output_dir, overwrite=self.overwrite, skip_existing=self.skip_existing)
+        return OutputDir(self.output_dir, overwrite=self.overwrite, skip_existing=self.skip_existing,
+                         offers_skip_existing=self.offers_skip_existing)
 
 
 def _opt(*names: str, help: str | None = None, panel: str | None = None, **extra: Any) -> Any:
@@ -167,6 +170,7 @@ def with_options(*groups: str, batch_size: int = 1) -> Callable[[Callable[..., i
         @functools.wraps(command)
         def run(**kwargs: Any) -> None:
             opts = Common(**{name: kwargs.pop(name) for name in chosen})
+            opts.offers_skip_existing = "skip_existing" in chosen
             guarded(opts.debug, lambda: command(**kwargs, opts=opts))
 
         parameters = own + shared

@@ -52,6 +52,7 @@ class OutputDir:
     path: Path
     overwrite: bool = False
     skip_existing: bool = False
+    offers_skip_existing: bool = True
     _claimed: set[Path] = field(default_factory=set)
 
     def __post_init__(self) -> None:
@@ -75,7 +76,8 @@ class OutputDir:
         if path.exists() and not self.overwrite:
             raise InputError(
                 f"{path} already exists",
-                hint="pass --overwrite to replace it or --skip-existing to keep it",
+                hint="pass --overwrite to replace it or --skip-existing to keep it" if self.offers_skip_existing
+                else "pass --overwrite to replace it, or choose another -o folder",
                 source=source,
             )
         self._claimed.add(path)
