@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from miocli import mediatokens, protocol
-from miocli.errors import InputError, MioError, UsageError
-from miocli.outputs import OutputDir, atomic_write, atomic_write_text, relative_to
+from miocli.errors import InputError, MioError, UsageError, report
+from miocli.outputs import OutputDir, atomic_write, atomic_write_text, print_record, relative_to
 from miocli.pipeline import Prompt, Shot, task_prompt_text
 from miocli.tasks import AUDIO, IMAGE, VIDEO, Task
 
@@ -113,12 +113,6 @@ class BatchSettings:
     show_names: bool = False
 
 
-def _report(job: Job, exc: MioError) -> None:
-    print(f"mio: error: {job.name}: {exc.message}", file=sys.stderr)
-    if exc.hint:
-        print(f"  hint: {exc.hint}", file=sys.stderr)
-
-
 def _main_output_name(task: Task, job: Job, settings: BatchSettings) -> str:
     suffix = {"image": "png", "speech": settings.audio_format}.get(task.output, "txt")
     return f"{job.stem}.{task.name}.{suffix}"
@@ -146,7 +140,7 @@ def run_jobs(mio: Any, task: Task, jobs: list[Job], settings: BatchSettings, opt
         try:
             job_prompts = job_prompts_for(mio, task, job, budget)
         except MioError as exc:
-            _report(job, exc)
+            report(exc, job.name)
             failures += 1
             continue
         prompts.extend(job_prompts)
@@ -161,7 +155,7 @@ def run_jobs(mio: Any, task: Task, jobs: list[Job], settings: BatchSettings, opt
         try:
             failures += _write_result(mio, task, job, join_replies(group), settings, chunks=count)
         except MioError as exc:
-            _report(job, exc)
+            report(exc, job.name)
             failures += 1
     return failures
 
@@ -313,7 +307,7 @@ def _write_result(mio: Any, task: Task, job: Job, reply: Any, settings: BatchSet
             failed = 1
         out.add_record(record)
     if settings.as_json:
-        sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+        print_record(record)
     elif task.output == "text" and out is None:
         print(f"{job.name}: {reply.text}" if settings.show_names else reply.text, flush=True)
     return failed

@@ -687,7 +687,7 @@ def keyframes(
     paths = expand_inputs(videos, VIDEO, recursive)
     entries, failures = write_keyframes(paths, opts.open_output(), frames)
     if opts.as_json:
-        sys.stdout.write(json.dumps(entries, ensure_ascii=False) + "\n")
+        emit_json(entries)
     else:
         for entry in entries:
             print(f"{opts.output_dir / entry['file']}\t{entry['time_s']:.3f}s\tscene {entry['scene']}")

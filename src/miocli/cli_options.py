@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -22,7 +21,8 @@ from typing import Annotated, Any, get_type_hints
 
 import typer
 
-from miocli.errors import MioError, UsageError
+from miocli.errors import MioError, UsageError, report
+from miocli.outputs import print_record
 
 RUNTIME = "Model and device"
 GENERATION = "Generation"
@@ -70,10 +70,10 @@ class Common:
         size = self.batch_size if batch_size is None else batch_size
         if size < 1:
             raise UsageError("--batch-size must be at least 1")
-        options = GenerationOptions(
-            self.beams, self.sample if sample is None else sample, self.temperature, self.top_p,
-            self.repetition_penalty, self.max_new_tokens, self.seed, size, self.constrain,
-        )
+        # The options share GenerationOptions' field names, so they are taken over by name.
+        chosen = {f.name: getattr(self, f.name) for f in fields(GenerationOptions)}
+        options = GenerationOptions(**{**chosen, "batch_size": size,
+                                       "sample": self.sample if sample is None else sample})
         options.overrides().validate()
         return options
 
@@ -188,9 +188,7 @@ def err(message: str) -> None:
 
 
 def fail(exc: MioError) -> None:
-    err(f"mio: error: {exc.message}")
-    if exc.hint:
-        err(f"  hint: {exc.hint}")
+    report(exc)
 
 
 def guarded(debug: bool, body: Callable[[], int | None]) -> None:
@@ -217,6 +215,5 @@ def guarded(debug: bool, body: Callable[[], int | None]) -> None:
     raise typer.Exit(code)
 
 
-def emit_json(record: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
-    sys.stdout.flush()
+def emit_json(record: Any) -> None:
+    print_record(record)

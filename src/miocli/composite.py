@@ -14,7 +14,7 @@ from typing import Any
 
 from miocli import mediatokens, protocol
 from miocli.errors import ModelError
-from miocli.outputs import OutputDir, atomic_write, atomic_write_text, relative_to, slug
+from miocli.outputs import OutputDir, atomic_write, atomic_write_text, print_record, relative_to, slug
 from miocli.pipeline import Prompt, task_prompt_text
 from miocli.tasks import TASKS
 
@@ -113,7 +113,7 @@ def run_interleave(mio: Any, topic: str, out: OutputDir, options: Any, pixel: me
               "images": len(image_files), "speeches": len(speech_files), "files": files}
     out.add_record(record)
     if as_json:
-        _emit(record)
+        print_record(record)
     else:
         print(story_path)
     return 0
@@ -174,7 +174,7 @@ def run_cot_visual(mio: Any, question: str, image_path: Path | None, out: Output
     }
     out.add_record(record)
     if as_json:
-        _emit(record)
+        print_record(record)
         return 0
     if show_steps:
         print(f"step 1 (illustrate): {out.path / image_file}")
@@ -189,10 +189,3 @@ def _without_placeholders(text: str) -> str:
     import re
 
     return re.sub(r"<(image|speech)_placeholder_\d+>", "", text).strip()
-
-
-def _emit(record: dict[str, Any]) -> None:
-    import json
-
-    sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
-    sys.stdout.flush()

@@ -7,6 +7,8 @@ user can fix; the CLI prints `message` (plus `hint` when there is one) and exits
 
 from __future__ import annotations
 
+import sys
+
 
 class MioError(Exception):
     """Base class: a problem the user can act on."""
@@ -42,6 +44,14 @@ class ModelError(MioError):
     """The checkpoint is missing, incomplete, corrupt or of the wrong variant."""
 
     exit_code = 3
+
+
+def report(exc: MioError, name: str | None = None) -> None:
+    """Print `exc` as mio's error line (naming the input when there is one) and its hint, on stderr."""
+    prefix = f"{name}: " if name else ""
+    print(f"mio: error: {prefix}{exc.message}", file=sys.stderr)
+    if exc.hint:
+        print(f"  hint: {exc.hint}", file=sys.stderr)
 
 
 class EnvironmentProblem(MioError):

@@ -93,6 +93,14 @@ class OutputDir:
             handle.write(line)
 
 
+def print_record(record: Any) -> None:
+    """One result as a JSON line on stdout (what --json promises), flushed for pipelines."""
+    import sys
+
+    sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
 def relative_to(path: Path, base: Path) -> str:
     try:
         return str(path.relative_to(base))

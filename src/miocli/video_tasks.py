@@ -14,9 +14,9 @@ from typing import Any
 
 from miocli import mediatokens
 from miocli.batch import Job
-from miocli.errors import MioError
+from miocli.errors import MioError, report
 from miocli.media.video import DEFAULT_MAX_FRAMES, Keyframe, extract_keyframes
-from miocli.outputs import OutputDir, atomic_write, relative_to
+from miocli.outputs import OutputDir, atomic_write, print_record, relative_to
 
 KEYFRAMES_INDEX = "keyframes.json"
 
@@ -64,7 +64,7 @@ def write_keyframes(paths: list[Path], out: OutputDir, frames: FrameOptions) -> 
                     "video": str(path),
                 })
         except MioError as exc:
-            _report(str(path), exc)
+            report(exc, str(path))
             failures += 1
             continue
         entries.extend(written)
@@ -104,8 +104,6 @@ def write_video(mio: Any, job: Job, reply: Any, out: OutputDir, pixel: mediatoke
 def run_video_gen(mio: Any, jobs: list[Job], out: OutputDir, options: Any, pixel: mediatokens.PixelOptions,
                   fps: float, as_json: bool) -> int:
     """Generate a frame sequence per description, then write its frames and mp4; returns failures."""
-    import json
-
     from miocli.pipeline import Prompt, task_prompt_text
     from miocli.tasks import TASKS
 
@@ -118,7 +116,7 @@ def run_video_gen(mio: Any, jobs: list[Job], out: OutputDir, options: Any, pixel
         try:
             record = write_video(mio, job, reply, out, pixel, fps)
         except MioError as exc:
-            _report(job.name, exc)
+            report(exc, job.name)
             failures += 1
             continue
         if "error" in record:
@@ -126,14 +124,8 @@ def run_video_gen(mio: Any, jobs: list[Job], out: OutputDir, options: Any, pixel
             failures += 1
         out.add_record(record)
         if as_json:
-            sys.stdout.write(json.dumps(record, ensure_ascii=False) + "\n")
+            print_record(record)
         else:
             video = [f for f in record["files"] if f.endswith(".mp4")]
             print(out.path / video[0] if video else f"{job.name}: no video")
     return failures
-
-
-def _report(name: str, exc: MioError) -> None:
-    print(f"mio: error: {name}: {exc.message}", file=sys.stderr)
-    if exc.hint:
-        print(f"  hint: {exc.hint}", file=sys.stderr)
