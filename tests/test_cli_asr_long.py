@@ -14,11 +14,12 @@ import pytest
 import soundfile
 
 from mio_testing import run_mio
-from miocli.api import GenerationOptions, Mio, Reply
-from miocli.batch import SPEECH_HOP, BatchSettings, PromptBudget, audio_job, join_replies, run_jobs
+from miocli import mediatokens, protocol
+from miocli.api import GenerationOptions, Mio
 from miocli.errors import InputError
 from miocli.media.audio import read_audio
-from miocli.pipeline import Prompt, task_prompt_text
+from miocli.pipeline import SPEECH_HOP, Generated, Prompt, PromptBudget, task_prompt_text
+from miocli.stream import joined_result
 from miocli.tasks import TASKS
 
 RATE = 16000
@@ -73,19 +74,18 @@ def test_budget_parts_fit_the_context_and_cover_the_recording(short_context_mode
     long_path, short_path, silences = recordings
     mio = Mio(str(short_context_model), device="cpu")
     task = TASKS["asr"]
-    budget = PromptBudget.for_task(mio, task, GenerationOptions(max_new_tokens=8, beams=1))
+    budget = PromptBudget.for_task(mio.engine, task, GenerationOptions(max_new_tokens=8, beams=1).overrides())
     assert budget.context == CONTEXT and budget.answer_tokens == 8
-    job = audio_job(long_path, {}, mio.runtime)
     wave = read_audio(long_path)
-    parts = budget.fit(job, [wave])
+    parts = budget.fit(str(long_path), {}, [wave], 1)
     assert len(parts) >= 3
     np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), wave)
     lengths = []
     for (part,) in parts:
-        _, speeches = job.media_strings([part])
+        speeches = [mediatokens.speech_string(mio.runtime, part, False)]
         lengths.append(len(mio.prompt_ids(Prompt(task_prompt_text(task, mio.variant, {}, 1), [], speeches))))
     # Every part leaves the answer its room: the prompt is the overhead plus one token per frame.
-    overhead = budget.overhead(job, 1)
+    overhead = budget.overhead({}, 1)
     assert lengths == [overhead + -(-len(part) // SPEECH_HOP) for (part,) in parts]
     assert max(lengths) <= CONTEXT - 8
     # Cuts go in the last 30% of a full window, so no part but the last is much shorter than it.
@@ -94,7 +94,7 @@ def test_budget_parts_fit_the_context_and_cover_the_recording(short_context_mode
     # The cuts fall in silences.
     ends = np.cumsum([len(p[0]) for p in parts])[:-1]
     assert all(any(a <= end <= b for a, b in silences) for end in ends), ends
-    assert len(budget.fit(job, [read_audio(short_path)])) == 1
+    assert len(budget.fit(str(short_path), {}, [read_audio(short_path)], 1)) == 1
     assert "llm" not in mio.runtime.loaded()  # the context came from config.json
 
 
@@ -103,8 +103,8 @@ def test_asr_splits_a_long_recording_and_joins_the_parts(short_context_model, re
     # The parts the split makes, as files of their own: transcribed alone they must give the
     # same texts that the long recording's joined result is made of, in order.
     mio = Mio(str(short_context_model), device="cpu")
-    budget = PromptBudget.for_task(mio, TASKS["asr"], GenerationOptions(max_new_tokens=8, beams=1))
-    parts = budget.fit(audio_job(long_path, {}, mio.runtime), [read_audio(long_path)])
+    budget = PromptBudget.for_task(mio.engine, TASKS["asr"], GenerationOptions(max_new_tokens=8, beams=1).overrides())
+    parts = budget.fit(str(long_path), {}, [read_audio(long_path)], 1)
     part_paths = []
     for n, (part,) in enumerate(parts):
         path = tmp_path / f"part{n}.wav"
@@ -156,29 +156,33 @@ def test_no_room_left_for_speech_asks_for_fewer_new_tokens(short_context_model, 
     _, short_path, _ = recordings
     mio = Mio(str(short_context_model), device="cpu")
     # speech2speech keeps 2048 new tokens by default: more than the whole 256-token context.
-    budget = PromptBudget.for_task(mio, TASKS["speech2speech"], GenerationOptions(beams=1))
+    budget = PromptBudget.for_task(mio.engine, TASKS["speech2speech"], GenerationOptions(beams=1).overrides())
     with pytest.raises(InputError, match=r"0\.90 s long and one `speech2speech` prompt leaves only 0\.00 s") as info:
-        budget.fit(audio_job(short_path, {}, mio.runtime), [read_audio(short_path)])
+        budget.fit(str(short_path), {}, [read_audio(short_path)], 1)
     assert info.value.hint is not None and "--max-new-tokens" in info.value.hint
     assert info.value.source == str(short_path)
 
 
-def test_join_replies_keeps_order_and_names_the_part_of_each_problem():
-    replies = [Reply("first", "first", [1, 2]), Reply("  ", "", [3]), Reply("third ", "third", [4], ["bad spch"])]
-    joined = join_replies(replies)
+def _generated(text: str, ids: list[int], problems: tuple[str, ...] = ()) -> Generated:
+    parsed = protocol.ParsedOutput(text, problems=[protocol.BadSegment("speech", "", p) for p in problems])
+    return Generated(Prompt(""), ids, text, parsed)
+
+
+def test_joined_result_keeps_order_and_names_the_part_of_each_problem():
+    replies = [_generated("first", [1, 2]), _generated("  ", [3]), _generated("third ", [4], ("bad spch",))]
+    joined = joined_result("asr", "long.wav", 0, replies)
     assert joined.text == "first third"
     assert joined.token_ids == [1, 2, 3, 4]
-    assert joined.problems == ["part 3 of 3: bad spch"]
-    single = Reply("only", "only", [5])
-    assert join_replies([single]) is single
+    assert joined.problems == ["part 3 of 3: malformed speech segment: bad spch"]
+    assert joined.chunks == 3
+    single = joined_result("asr", "short.wav", 0, [_generated("only ", [5])])
+    assert single.text == "only " and single.chunks == 1
 
 
 def test_asr_loads_only_the_speech_encoder_tokenizer_and_llm(tiny_model, recordings):
     _, short_path, _ = recordings
     mio = Mio(str(tiny_model), device="cpu")
-    failures = run_jobs(mio, TASKS["asr"], [audio_job(short_path, {}, mio.runtime)],
-                        BatchSettings(out=None, as_json=True), GenerationOptions(max_new_tokens=2, beams=1))
-    assert failures == 0
+    assert mio.asr(short_path, max_new_tokens=2, beams=1).ok
     # No image codec, no diffusion, and of the speech codec only the encoder.
     assert sorted(mio.runtime.loaded()) == ["llm", "speech", "tokenizer"]
     assert mio.runtime._components["speech"][0] == frozenset({"encoder"})
@@ -209,7 +213,7 @@ def test_print_prompt_shows_every_part_of_a_long_recording(short_context_model, 
     assert done.returncode == 0, done.stderr
     prompts = [json.loads(line) for line in done.stdout.splitlines()]
     mio = Mio(str(short_context_model), device="cpu")
-    budget = PromptBudget.for_task(mio, TASKS["asr"], GenerationOptions(max_new_tokens=8, beams=1))
-    parts = budget.fit(audio_job(long_path, {}, mio.runtime), [read_audio(long_path)])
+    budget = PromptBudget.for_task(mio.engine, TASKS["asr"], GenerationOptions(max_new_tokens=8, beams=1).overrides())
+    parts = budget.fit(str(long_path), {}, [read_audio(long_path)], 1)
     assert len(prompts) == len(parts) + 1
     assert all(len(p["input_ids"]) <= CONTEXT - 8 for p in prompts)

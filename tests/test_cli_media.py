@@ -45,8 +45,10 @@ def test_caption_folder_in_batches_with_one_bad_file(tiny_model, media, tmp_path
     done = invoke("caption", str(media), "--model", str(tiny_model), *FAST, "-b", "2", "-o", str(out), "--json")
     assert done.exit_code == 1  # broken.png failed, the others were processed
     assert "broken.png" in done.stderr and "Traceback" not in done.stderr
-    records = [json.loads(line) for line in done.stdout.splitlines()]
-    assert sorted(r["input"].rsplit("/", 1)[-1] for r in records) == ["green.png", "noise.png", "red.png"]
+    all_records = [json.loads(line) for line in done.stdout.splitlines()]
+    # One record per input, in input order; the failed one says why.
+    assert [r["input"].rsplit("/", 1)[-1] for r in all_records] == ["broken.png", "green.png", "noise.png", "red.png"]
+    assert "not an image" in all_records[0]["error"] and all_records[0]["files"] == []
     assert sorted(p.name for p in out.glob("*.txt")) == ["green.caption.txt", "noise.caption.txt", "red.caption.txt"]
 
 
@@ -185,12 +187,9 @@ def test_bad_images_through_entry_point(tiny_model, tmp_path, content):
 
 
 def test_caption_loads_neither_diffusion_nor_speech(tiny_model, media):
-    from miocli.api import GenerationOptions, Mio
-    from miocli.batch import BatchSettings, image_job, run_jobs
-    from miocli.tasks import TASKS
+    from miocli.api import Mio
 
     mio = Mio(str(tiny_model), device="cpu")
-    run_jobs(mio, TASKS["caption"], [image_job(media / "red.png", {}, mio.runtime)],
-             BatchSettings(out=None, as_json=True), GenerationOptions(max_new_tokens=2, beams=1))
+    assert mio.caption(media / "red.png", max_new_tokens=2, beams=1).ok
     assert set(mio.runtime.loaded()) == {"seed", "tokenizer", "llm"}
     assert mio.runtime._components["seed"][0] == frozenset({"encoder"})

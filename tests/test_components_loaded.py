@@ -69,18 +69,11 @@ def test_imagine_loads_no_eva_vit(tiny_model, tmp_path):
 
 def test_imagine_runtime_holds_only_the_seed_decoder(tiny_model, tmp_path):
     """The same through the API the command runs on, looking at the loaded modules themselves."""
-    from miocli.api import GenerationOptions, Mio
-    from miocli.batch import BatchSettings, Job, run_jobs
-    from miocli.mediatokens import PixelOptions
-    from miocli.outputs import OutputDir
-    from miocli.tasks import TASKS
+    from miocli.api import Mio
 
     mio = Mio(str(tiny_model), device="cpu")
-    settings = BatchSettings(out=OutputDir(tmp_path), as_json=True, pixel=PixelOptions(steps=2, size=64, seed=0))
-    failures = run_jobs(mio, TASKS["imagine"], [Job(name="a red kite", stem="001-a-red-kite",
-                                                    fields={"caption": "a red kite"})],
-                        settings, GenerationOptions(max_new_tokens=40, beams=1))
-    assert not failures
+    result = mio.imagine("a red kite", max_new_tokens=40, beams=1, steps=2, size=64, seed=0)
+    assert len(result.images) == 1
     runtime = mio.runtime
     assert set(runtime.loaded()) == {"tokenizer", "llm", "seed", "unclip"}
     parts, codec = runtime._components["seed"]

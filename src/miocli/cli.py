@@ -17,8 +17,8 @@ from typing import Annotated, Any
 
 import typer
 
-from miocli.cli_options import Common, emit_json, err, fail, with_options
-from miocli.errors import InputError, UsageError
+from miocli.cli_options import Common, emit_json, err, with_options
+from miocli.errors import UsageError
 from miocli.media.video import DEFAULT_MAX_FRAMES
 
 app = typer.Typer(
@@ -217,47 +217,15 @@ def generate(
     *, opts: Common,
 ) -> int:
     """Continue raw text with no chat template (the Base model's way; BOS is prepended)."""
-    texts = _expand_text_inputs(prompts, "prompt")
-    options = opts.generation()
-    mio = opts.make_mio()
-    if opts.show_prompt:
-        for text in texts:
-            print_prompt(mio, mio.raw_prompt(text), opts.as_json)
-        return 0
-    from miocli.outputs import atomic_write_text, slug
+    from miocli import protocol
+    from miocli.inputs import Item
+    from miocli.outputs import slug
+    from miocli.writer import GENERATE, Target
 
-    out = opts.open_output()
-    todo = []
-    names: dict[int, str] = {}
-    for index, text in enumerate(texts):
-        name = f"{index + 1:03d}-{slug(text, 30)}.txt"
-        if out is not None and out.exists(name) and opts.skip_existing:
-            err(f"mio: skipping prompt {index + 1}: {out.path / name} exists")
-            continue
-        names[index] = name
-        todo.append(index)
-    failures = 0
-    with _progress(len(todo), "generating") as advance:
-        replies = mio.generate([texts[i] for i in todo], options) if todo else []
-        advance(len(todo))
-    for index, reply in zip(todo, replies):
-        report_problems(f"prompt {index + 1}", reply.problems)
-        record = {"task": "generate", "input": texts[index], **reply.to_record()}
-        if out is not None:
-            try:
-                path = out.target(names[index], source=f"prompt {index + 1}")
-            except InputError as exc:
-                fail(exc)
-                failures += 1
-                continue
-            atomic_write_text(path, reply.text + "\n")
-            record["files"] = [str(path)]
-            out.add_record(record)
-        if opts.as_json:
-            emit_json(record)
-        elif out is None:
-            print(f"[{index + 1}] {reply.text}" if len(texts) > 1 else reply.text)
-    return 1 if failures else 0
+    texts = _expand_text_inputs(prompts, "prompt")
+    targets = [Target(Item(text, prompt=text if text.startswith(protocol.BOS) else protocol.BOS + text),
+                      f"{number:03d}-{slug(text, 30)}") for number, text in enumerate(texts, start=1)]
+    return _run_task("generate", "generate", GENERATE, targets, opts)
 
 
 # ---- housekeeping -----------------------------------------------------------------------------
@@ -310,78 +278,65 @@ def demo(
 
 
 # ---- media tasks ------------------------------------------------------------------------------
-def _run_task(task: Any, jobs_for: Callable[[Any], list[Any]], opts: Common, *, options: Any = None,
-              pixel: Any = None) -> int:
-    """Run a task (a name in TASKS, or a Task) over the jobs `jobs_for(runtime)` builds."""
-    from miocli.batch import BatchSettings, run_jobs
-    from miocli.tasks import TASKS
+def _run_task(api_task: str, record_task: str, kind: str, targets: list[Any], opts: Common, *,
+              options: Any = None, **settings: Any) -> int:
+    """Stream the targets through the task core; the writer puts each result on disk and stdout as it comes."""
+    from miocli.writer import ResultWriter, StdoutClosed, run_and_write
 
-    if isinstance(task, str):
-        task = TASKS[task]
     if options is None:
         options = opts.generation()
     mio = opts.make_mio()
-    jobs = jobs_for(mio.runtime)
     if opts.show_prompt:
-        from miocli.batch import job_prompts_for, prompt_budget
-
-        budget = prompt_budget(mio, task, options)
-        for job in jobs:
-            # A long recording shows the prompt of each part it will be split into.
-            for prompt in job_prompts_for(mio, task, job, budget):
-                if opts.as_json:
-                    emit_json({"prompt": prompt.text, "input_ids": mio.prompt_ids(prompt)})
-                else:
-                    print_prompt(mio, prompt.text, False)
+        # A long recording shows the prompt of each part it will be split into.
+        for prompt in mio.prompts(api_task, [t.item for t in targets], options=options, **settings):
+            print_prompt(mio, prompt.text, opts.as_json, image_strings=prompt.image_strings,
+                         speech_strings=prompt.speech_strings)
         return 0
-    settings = BatchSettings(out=opts.open_output(), as_json=opts.as_json, show_names=len(jobs) > 1)
-    if pixel is not None:
-        settings.pixel = pixel
-    failures = run_jobs(mio, task, jobs, settings, options)
+    writer = ResultWriter(record_task, kind, opts.open_output(), as_json=opts.as_json, show_names=len(targets) > 1)
+    with _progress(len(targets), record_task) as advance:
+        writer.progress = advance
+        try:
+            failures = run_and_write(mio, api_task, targets, writer, options=options, **settings)
+        except StdoutClosed:
+            raise typer.Exit(141) from None
     return 1 if failures else 0
 
 
-def _media_kind(path: str) -> str:
-    """Image, audio or video, by the file's extension (images are the default)."""
-    from miocli.batch import EXTENSIONS
-    from miocli.tasks import AUDIO, IMAGE, VIDEO
-
-    suffix = Path(path).suffix.lower()
-    return next((kind for kind in (AUDIO, VIDEO) if suffix in EXTENSIONS[kind]), IMAGE)
-
-
-def _frame_options(max_frames: int, uniform: bool, threshold: float | None) -> Any:
-    from miocli.video_tasks import FrameOptions
-
+def _frame_settings(max_frames: int, uniform: bool, threshold: float | None) -> dict[str, Any]:
     if max_frames < 1:
         raise UsageError(f"--max-frames must be at least 1 (got {max_frames})")
     if threshold is not None and not 0 < threshold <= 255:
         raise UsageError(f"--threshold must be between 0 and 255 (got {threshold})")
-    return FrameOptions(max_frames=max_frames, uniform=uniform, threshold=threshold)
+    return {"max_frames": max_frames, "uniform": uniform, "threshold": threshold}
 
 
-def _media_jobs(kind: str, paths: list[str], recursive: bool, fields: dict[str, str],
-                frames: Any = None) -> Callable[[Any], list]:
-    """A builder of one job per input file of `kind` (files, folders, globs or '-')."""
+def _media_targets(kind: str, paths: list[str], recursive: bool, fields: dict[str, str]) -> list[Any]:
+    """One target per input file of `kind` (files, folders, globs or '-'); named and stemmed by the file."""
+    from miocli.inputs import Item, Media, expand_inputs
+    from miocli.writer import Target
 
-    def build(runtime: Any) -> list[Any]:
-        from miocli.batch import audio_job, expand_inputs, image_job
-        from miocli.tasks import AUDIO, IMAGE
-
-        found = expand_inputs(paths, kind, recursive)
-        if kind == IMAGE:
-            return [image_job(p, fields, runtime) for p in found]
-        if kind == AUDIO:
-            return [audio_job(p, fields, runtime) for p in found]
-        from miocli.video_tasks import FrameOptions, video_job
-
-        return [video_job(p, fields, runtime, frames or FrameOptions()) for p in found]
-
-    return build
+    return [Target(Item(str(path), dict(fields), [Media(kind, str(path), path=path)]), path.stem)
+            for path in expand_inputs(paths, kind, recursive)]
 
 
-def _examples(values: list[str] | None, kind: str) -> list[tuple[str, str]]:
+def _text_targets(texts: list[str], field_name: str, count: int = 1) -> list[Any]:
+    """One target per text (`count` per text for imagine -n), stemmed NNN-slug[-k]."""
+    from miocli.inputs import Item
+    from miocli.outputs import slug
+    from miocli.writer import Target
+
+    targets = []
+    for number, text in enumerate((t for t in texts for _ in range(count)), start=1):
+        sample = (number - 1) % count
+        stem = f"{number:03d}-{slug(text, 30)}" + (f"-{sample + 1}" if count > 1 else "")
+        targets.append(Target(Item(text, {field_name: text}, sample=sample), stem))
+    return targets
+
+
+def _examples(values: list[str] | None, kind: str) -> list[tuple[Any, str]]:
     """--example pairs (MEDIA, ANSWER); each must be the same kind of media as the input."""
+    from miocli.inputs import Media, kind_of_path
+
     pairs = []
     for value in values or []:
         media, separator, answer = value.partition(EXAMPLE_SEPARATOR)
@@ -390,48 +345,15 @@ def _examples(values: list[str] | None, kind: str) -> list[tuple[str, str]]:
                              hint='e.g. --example cat.png "A cat asleep on a sofa."')
         if not answer.strip():
             raise UsageError(f"--example {media}: the answer is empty")
-        if _media_kind(media) != kind:
-            raise UsageError(f"--example {media} is {_media_kind(media)}, the input is {kind}",
+        if kind_of_path(media) != kind:
+            raise UsageError(f"--example {media} is {kind_of_path(media)}, the input is {kind}",
                              hint=f"give {kind} examples for a {kind} input")
-        pairs.append((media, answer.strip()))
+        pairs.append((Media(kind, media, path=Path(media)), answer.strip()))
     return pairs
 
 
-def _with_examples(build: Callable[[Any], list], pairs: list[tuple[str, str]], fields: dict[str, str],
-                   frames: Any = None) -> Callable[[Any], list]:
-    """Give every job the in-context examples (loaded once per job, like its own media)."""
-    if not pairs:
-        return build
-
-    def build_with_examples(runtime: Any) -> list[Any]:
-        from miocli.batch import Example
-
-        jobs = build(runtime)
-        examples = []
-        for media, answer in pairs:
-            [example_job] = _media_jobs(_media_kind(media), [media], False, fields, frames)(runtime)
-            examples.append(Example(example_job, answer))
-        for job in jobs:
-            job.examples = examples
-        return jobs
-
-    return build_with_examples
-
-
-def _text_jobs(texts: list[str], field_name: str) -> Callable[[Any], list]:
-    def build(runtime: Any) -> list[Any]:
-        from miocli.batch import Job
-        from miocli.outputs import slug
-
-        return [Job(name=t, stem=f"{i + 1:03d}-{slug(t, 30)}", fields={field_name: t}) for i, t in enumerate(texts)]
-
-    return build
-
-
-def _pixel_options(steps: int, guidance: float, size: int, seed: int | None) -> Any:
-    from miocli.mediatokens import PixelOptions
-
-    return PixelOptions(steps=steps, guidance=guidance, size=size, seed=seed)
+def _pixels(steps: int, guidance: float, size: int) -> dict[str, Any]:
+    return {"steps": steps, "guidance": guidance, "size": size}
 
 
 @app.command()
@@ -444,9 +366,11 @@ def caption(
 ) -> int:
     """Describe images (folders are captioned in batches with one model load)."""
     from miocli.tasks import IMAGE
+    from miocli.writer import TEXT
 
-    jobs = _media_jobs(IMAGE, images, recursive, {})
-    return _run_task("caption", _with_examples(jobs, _examples(example, IMAGE), {}), opts)
+    examples = _examples(example, IMAGE)
+    return _run_task("caption", "caption", TEXT, _media_targets(IMAGE, images, recursive, {}), opts,
+                     examples=examples)
 
 
 @app.command()
@@ -459,17 +383,18 @@ def ask(
     *, opts: Common,
 ) -> int:
     """Ask about an image, a recording or a video (--example adds solved examples first)."""
+    from miocli.inputs import kind_of_path
     from miocli.tasks import AUDIO, VIDEO
+    from miocli.writer import TEXT
 
     text = read_text_argument(question, "question")
-    kind = _media_kind(media)
-    task_name, field = {AUDIO: ("ask-audio", "instruction"), VIDEO: ("ask-video", "question")}.get(
-        kind, ("ask-image", "question"))
-    fields = {field: text}
-    frames = _frame_options(max_frames, uniform, threshold)
-    jobs = _with_examples(_media_jobs(kind, [media], False, fields, frames), _examples(example, kind), fields,
-                          frames)
-    return _run_task(task_name, jobs, opts, options=opts.generation(batch_size=1))
+    kind = kind_of_path(media)
+    record_task = {AUDIO: "ask-audio", VIDEO: "ask-video"}.get(kind, "ask-image")
+    frames = _frame_settings(max_frames, uniform, threshold)
+    # The image and video templates say {question}, the audio one {instruction}.
+    targets = _media_targets(kind, [media], False, {"question": text, "instruction": text})
+    return _run_task("ask", record_task, TEXT, targets, opts, options=opts.generation(batch_size=1),
+                     examples=_examples(example, kind), **frames)
 
 
 @app.command()
@@ -481,22 +406,15 @@ def imagine(
     *, opts: Common,
 ) -> int:
     """Generate images from text: SEED tokens from the LLM, pixels from unCLIP."""
+    from miocli.writer import IMAGE
+
     if count < 1:
         raise UsageError("-n must be at least 1")
     texts = _expand_text_inputs(prompts, "prompt")
     # Several images of one prompt need different samples: sampling is switched on unless told otherwise.
     options = opts.generation(sample=True if count > 1 and opts.sample is None else None)
-    repeated = [t for t in texts for _ in range(count)]
-
-    def jobs(runtime: Any) -> list[Any]:
-        built = _text_jobs(repeated, "caption")(runtime)
-        if count > 1:
-            for i, job in enumerate(built):
-                job.stem = f"{job.stem}-{i % count + 1}"
-        return built
-
-    return _run_task("imagine", jobs, opts, options=options,
-                     pixel=_pixel_options(steps, guidance, size, opts.seed))
+    return _run_task("imagine", "imagine", IMAGE, _text_targets(texts, "caption", count), opts, options=options,
+                     **_pixels(steps, guidance, size))
 
 
 @app.command()
@@ -510,18 +428,15 @@ def edit(
     *, opts: Common,
 ) -> int:
     """Edit an image following an instruction (the answer is pre-filled with <image>)."""
-    from dataclasses import replace
-
-    from miocli.tasks import IMAGE, TASKS
+    from miocli.tasks import IMAGE as IMAGE_INPUT
+    from miocli.writer import IMAGE
 
     text = read_text_argument(instruction, "instruction")
-    task = TASKS["edit"]
-    if template is not None:
-        if "{media}" not in template or "{instruction}" not in template:
-            raise UsageError("--template needs both {media} and {instruction}")
-        task = replace(task, instruct=template)
-    return _run_task(task, _media_jobs(IMAGE, [image], False, {"instruction": text}), opts,
-                     options=opts.generation(batch_size=1), pixel=_pixel_options(steps, guidance, size, opts.seed))
+    if template is not None and ("{media}" not in template or "{instruction}" not in template):
+        raise UsageError("--template needs both {media} and {instruction}")
+    targets = _media_targets(IMAGE_INPUT, [image], False, {"instruction": text})
+    return _run_task("edit", "edit", IMAGE, targets, opts, options=opts.generation(batch_size=1), template=template,
+                     **_pixels(steps, guidance, size))
 
 
 @app.command()
@@ -533,24 +448,16 @@ def tokenize(
     *, opts: Common,
 ) -> int:
     """Print the token string of an image (<image>…</image>) or a recording (<spch>…</spch>)."""
-    from miocli import mediatokens
-    from miocli.batch import EXTENSIONS
-    from miocli.tasks import AUDIO
+    from miocli.inputs import Item, to_media
+    from miocli.outputs import json_line
+    from miocli.writer import print_line, require_stdout
 
+    require_stdout()
     mio = opts.make_mio(quantize="none")
-    path = Path(media)
-    if path.suffix.lower() in EXTENSIONS[AUDIO]:
-        from miocli.media.audio import read_audio
-
-        text = mediatokens.speech_string(mio.runtime, read_audio(path), with_timbre)
-    else:
-        from miocli.media.image import load_image
-
-        text = mediatokens.image_strings(mio.runtime, [load_image(path)])[0]
-    if opts.as_json:
-        emit_json({"input": media, "tokens": text})
-    else:
-        print(text)
+    item = Item(media, media=[to_media(media, media)], with_timbre=with_timbre)
+    [result] = list(mio.stream("tokenize", [item]))
+    result.raise_for_error()
+    print_line(json_line({"input": media, "tokens": result.text}) if opts.as_json else result.text)
     return 0
 
 
@@ -558,8 +465,8 @@ def tokenize(
 @with_options("codec")
 def detokenize(
     tokens: Annotated[str, typer.Argument(help="A token string, a file holding one, or '-' for stdin.")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The file to write (.png/.jpg, .wav/.flac, "
-                                         "or .npy with --embeddings-only).")],
+    output: Annotated[str, typer.Option("--output", "-o", help="The file to write (.png/.jpg/.webp, .wav/.flac, "
+                                        ".npy with --embeddings-only, or '-' for stdout).")],
     embeddings_only: Annotated[bool, typer.Option("--embeddings-only", help="Images: write the (n, 1024) "
                                                   "unCLIP embeddings as .npy, no diffusion.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file.")] = False,
@@ -567,52 +474,18 @@ def detokenize(
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed for the diffusion noise.")] = None,
     *, opts: Common,
 ) -> int:
-    """Turn <image>…</image> or <spch>…</spch> token strings back into a file."""
-    from miocli import mediatokens, protocol
-    from miocli.outputs import atomic_write
+    """Turn <image>…</image> or <spch>…</spch> token strings back into a file (several images: NAME-2, …)."""
+    from miocli.detokenize import run_detokenize
+    from miocli.inputs import read_stdin
 
     if tokens == "-":
-        text = sys.stdin.read()
+        text = read_stdin("tokens")
     elif tokens.lstrip().startswith("<"):
         text = tokens
     else:
         text = _read_file(tokens)
-    parsed = protocol.parse_output(text, extract=False)
-    for problem in parsed.problems:
-        err(f"mio: warning: malformed {problem.kind} segment: {problem.reason}")
-    if output.exists() and not overwrite:
-        raise InputError(f"{output} already exists", hint="pass --overwrite to replace it")
-    mio = opts.make_mio(quantize="none")
-    if parsed.images:
-        ids = [segment.ids for segment in parsed.images]
-        if embeddings_only:
-            import numpy as np
-
-            embeds = mediatokens.image_embeddings(mio.runtime, ids).numpy().astype("float32")
-
-            def save(tmp: Path) -> None:
-                # np.save on a path appends ".npy" to a temporary name: hand it a file instead.
-                with open(tmp, "wb") as handle:
-                    np.save(handle, embeds, allow_pickle=False)
-
-            atomic_write(output, save)
-        else:
-            images = mediatokens.images_from_ids(mio.runtime, ids, _pixel_options(steps, guidance, size, seed))
-            fmt = "JPEG" if output.suffix.lower() in (".jpg", ".jpeg") else "PNG"
-            atomic_write(output, lambda tmp: images[0].save(tmp, format=fmt))
-            for index, image in enumerate(images[1:], start=2):
-                extra = output.with_name(f"{output.stem}-{index}{output.suffix}")
-                atomic_write(extra, lambda tmp, image=image: image.save(tmp, format=fmt))
-    elif parsed.speeches:
-        from miocli.media.audio import write_audio
-
-        wave = mediatokens.speech_from_codes(mio.runtime, parsed.speeches[0].codes)
-        fmt = output.suffix.lower().lstrip(".") or "wav"
-        atomic_write(output, lambda tmp: write_audio(tmp, wave, 16000, format=fmt))
-    else:
-        raise UsageError("no complete <image>…</image> or <spch>…</spch> segment in the input")
-    print(output)
-    return 0
+    return run_detokenize(opts.make_mio(quantize="none"), text, output, embeddings_only=embeddings_only,
+                          overwrite=overwrite, seed=seed, **_pixels(steps, guidance, size))
 
 
 @app.command()
@@ -624,8 +497,9 @@ def asr(
 ) -> int:
     """Transcribe speech."""
     from miocli.tasks import AUDIO
+    from miocli.writer import TEXT
 
-    return _run_task("asr", _media_jobs(AUDIO, audio, recursive, {}), opts)
+    return _run_task("asr", "asr", TEXT, _media_targets(AUDIO, audio, recursive, {}), opts)
 
 
 @app.command()
@@ -636,12 +510,14 @@ def tts(
     *, opts: Common,
 ) -> int:
     """Speak text: one wav per utterance."""
+    from miocli.writer import SPEECH
+
     values = list(texts or [])
     if text_file is not None:
         values.extend(line for line in _read_file(str(text_file)).splitlines() if line.strip())
     if not values:
         raise UsageError("nothing to say", hint="give text, '-' for stdin, or --text-file FILE")
-    return _run_task("tts", _text_jobs(_expand_text_inputs(values, "text"), "text"), opts)
+    return _run_task("tts", "tts", SPEECH, _text_targets(_expand_text_inputs(values, "text"), "text"), opts)
 
 
 @app.command()
@@ -651,7 +527,10 @@ def speak(
     *, opts: Common,
 ) -> int:
     """Answer questions with speech (voice mode)."""
-    return _run_task("speak", _text_jobs(_expand_text_inputs(questions, "question"), "question"), opts)
+    from miocli.writer import SPEECH
+
+    targets = _text_targets(_expand_text_inputs(questions, "question"), "question")
+    return _run_task("speak", "speak", SPEECH, targets, opts)
 
 
 @app.command()
@@ -663,8 +542,9 @@ def speech2speech(
 ) -> int:
     """Answer spoken input with speech."""
     from miocli.tasks import AUDIO
+    from miocli.writer import SPEECH
 
-    return _run_task("speech2speech", _media_jobs(AUDIO, audio, recursive, {}), opts)
+    return _run_task("speech2speech", "speech2speech", SPEECH, _media_targets(AUDIO, audio, recursive, {}), opts)
 
 
 # ---- video and composite tasks ------------------------------------------------------------------
@@ -677,11 +557,13 @@ def keyframes(
     *, opts: Common,
 ) -> int:
     """Write the keyframes MIO would see (one per scene, in order) and keyframes.json; no model needed."""
-    from miocli.batch import expand_inputs
+    from miocli.inputs import expand_inputs
+    from miocli.media.video import FrameOptions
     from miocli.tasks import VIDEO
     from miocli.video_tasks import write_keyframes
+    from miocli.writer import print_line
 
-    frames = _frame_options(max_frames, uniform, threshold)
+    frames = FrameOptions(**_frame_settings(max_frames, uniform, threshold))
     if opts.output_dir is None:
         raise UsageError("`mio keyframes` writes files", hint="pass -o DIR")
     paths = expand_inputs(videos, VIDEO, recursive)
@@ -690,7 +572,7 @@ def keyframes(
         emit_json(entries)
     else:
         for entry in entries:
-            print(f"{opts.output_dir / entry['file']}\t{entry['time_s']:.3f}s\tscene {entry['scene']}")
+            print_line(f"{opts.output_dir / entry['file']}\t{entry['time_s']:.3f}s\tscene {entry['scene']}")
     return 1 if failures else 0
 
 
@@ -704,9 +586,11 @@ def video_caption(
 ) -> int:
     """Describe videos from their keyframes."""
     from miocli.tasks import VIDEO
+    from miocli.writer import TEXT
 
-    frames = _frame_options(max_frames, uniform, threshold)
-    return _run_task("video-caption", _media_jobs(VIDEO, videos, recursive, {}, frames), opts)
+    frames = _frame_settings(max_frames, uniform, threshold)
+    return _run_task("video_caption", "video-caption", TEXT, _media_targets(VIDEO, videos, recursive, {}), opts,
+                     **frames)
 
 
 @app.command("video-gen")
@@ -721,19 +605,14 @@ def video_gen(
     """Generate a video as a sequence of keyframes: the frames as images plus an mp4."""
     import math
 
-    from miocli.video_tasks import run_video_gen
+    from miocli.writer import VIDEO, ResultWriter, run_and_write
 
     if not (math.isfinite(fps) and fps > 0):
         raise UsageError(f"--fps must be a positive number (got {fps})")
     texts = _expand_text_inputs(descriptions, "description")
-    options = opts.generation(batch_size=1)
-    out = opts.open_output()
-    if out is None:
-        raise UsageError("`mio video-gen` writes files", hint="pass -o DIR")
-    mio = opts.make_mio()
-    jobs = _text_jobs(texts, "description")(mio.runtime)
-    failures = run_video_gen(mio, jobs, out, options, _pixel_options(steps, guidance, size, opts.seed), fps,
-                             opts.as_json)
+    writer = ResultWriter("video-gen", VIDEO, opts.open_output(), as_json=opts.as_json, fps=fps)
+    failures = run_and_write(opts.make_mio(), "video_gen", _text_targets(texts, "description"), writer,
+                             options=opts.generation(batch_size=1), **_pixels(steps, guidance, size))
     return 1 if failures else 0
 
 
@@ -746,15 +625,14 @@ def interleave(
     *, opts: Common,
 ) -> int:
     """Generate interleaved text and images: story.md with the text and image links, and the images."""
-    from miocli.composite import run_interleave
+    from miocli.inputs import Item
+    from miocli.writer import STORY, ResultWriter, Target, run_and_write
 
     text = read_text_argument(topic, "topic").strip().rstrip(".")
-    options = opts.generation(batch_size=1)
-    out = opts.open_output()
-    if out is None:
-        raise UsageError("`mio interleave` writes files", hint="pass -o DIR")
-    return run_interleave(opts.make_mio(), text, out, options, _pixel_options(steps, guidance, size, opts.seed),
-                          opts.as_json)
+    writer = ResultWriter("interleave", STORY, opts.open_output(), as_json=opts.as_json)
+    failures = run_and_write(opts.make_mio(), "interleave", [Target(Item(text, {"topic": text}), "story")], writer,
+                             options=opts.generation(batch_size=1), **_pixels(steps, guidance, size))
+    return 1 if failures else 0
 
 
 @app.command("cot-visual")
@@ -768,15 +646,18 @@ def cot_visual(
     *, opts: Common,
 ) -> int:
     """Chain of visual thought: draw an illustrating image, then answer with it in context."""
-    from miocli.composite import run_cot_visual
+    from miocli.inputs import Item, Media
+    from miocli.outputs import slug
+    from miocli.tasks import IMAGE
+    from miocli.writer import COT, ResultWriter, Target, run_and_write
 
     text = read_text_argument(question, "question").strip()
-    options = opts.generation(batch_size=1)
-    out = opts.open_output()
-    if out is None:
-        raise UsageError("`mio cot-visual` writes the illustrating image", hint="pass -o DIR")
-    return run_cot_visual(opts.make_mio(), text, image, out, options,
-                          _pixel_options(steps, guidance, size, opts.seed), opts.as_json, show_steps)
+    media = [Media(IMAGE, str(image), path=image)] if image is not None else []
+    writer = ResultWriter("cot-visual", COT, opts.open_output(), as_json=opts.as_json, show_steps=show_steps)
+    failures = run_and_write(opts.make_mio(), "cot_visual", [Target(Item(text, {"question": text}, media),
+                                                                    slug(text, 40))], writer,
+                             options=opts.generation(batch_size=1), **_pixels(steps, guidance, size))
+    return 1 if failures else 0
 
 
 def join_example_values(argv: list[str]) -> list[str]:
@@ -807,10 +688,24 @@ def _is_option(*tokens: str) -> bool:
     return any(token.startswith("--") for token in tokens)
 
 
+def _notices_to_stderr() -> None:
+    """The core's notices (a recording split in parts, a silent recording) as `mio: …` lines on stderr."""
+    import logging
+
+    logger = logging.getLogger("miocli")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("mio: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: list[str] | None = None) -> None:
     # Busy-waiting OpenMP threads made CPU encodes 3-6x slower whenever another process held a core
     # (benchmarks/speech.py); passive waiting costs little on an idle machine.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    _notices_to_stderr()
     app(args=join_example_values(sys.argv[1:] if argv is None else argv), prog_name="mio")
 
 

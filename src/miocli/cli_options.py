@@ -204,6 +204,13 @@ def guarded(debug: bool, body: Callable[[], int | None]) -> None:
     except KeyboardInterrupt:
         err("mio: interrupted")
         raise typer.Exit(130) from None
+    except BrokenPipeError:
+        # The reader of stdout went away (`mio … | head -1`): stop quietly, as a process killed by
+        # SIGPIPE would (exit status 128 + 13).
+        from miocli.writer import silence_stdout
+
+        silence_stdout()
+        raise typer.Exit(141) from None
     except typer.Exit:
         raise
     except Exception as exc:

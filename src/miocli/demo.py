@@ -58,13 +58,15 @@ def _demo_media(folder: Path) -> tuple[Path, Path]:
 
 def run_demo(output_dir: Path | None, *, verbose: bool = False) -> int:
     from miocli.api import GenerationOptions, Mio
-    from miocli.batch import BatchSettings, Job, audio_job, image_job, run_jobs
-    from miocli.composite import run_cot_visual, run_interleave
-    from miocli.mediatokens import PixelOptions
+    from miocli.inputs import Item, Media
+    from miocli.media.video import FrameOptions
     from miocli.outputs import OutputDir
-    from miocli.tasks import TASKS
+    from miocli.tasks import AUDIO, IMAGE, VIDEO
     from miocli.tiny import ensure_tiny_checkpoint
-    from miocli.video_tasks import FrameOptions, run_video_gen, video_job, write_keyframes
+    from miocli.video_tasks import write_keyframes
+    from miocli.writer import COT, SPEECH, STORY, TEXT, ResultWriter, Target, run_and_write
+    from miocli.writer import IMAGE as IMAGE_OUT
+    from miocli.writer import VIDEO as VIDEO_OUT
 
     def say(message: str) -> None:
         print(f"mio demo: {message}", file=sys.stderr)
@@ -75,9 +77,11 @@ def run_demo(output_dir: Path | None, *, verbose: bool = False) -> int:
     say(f"tiny checkpoint ready at {model_dir} ({time.perf_counter() - start:.1f} s)")
     out = OutputDir(_fresh_folder(output_dir))
     image_path, audio_path = _demo_media(out.path)
+    video_path = _demo_video(out.path)
     options = GenerationOptions(max_new_tokens=24, seed=0, beams=1)
     speech_options = GenerationOptions(max_new_tokens=60, seed=0, beams=1)
     image_options = GenerationOptions(max_new_tokens=40, seed=0, beams=1)
+    pixels = {"steps": 2, "size": 64}
 
     instruct = Mio(str(model_dir), device="cpu", verbose=verbose)
     reply = instruct.chat("What is the capital of France?", options=options)
@@ -90,39 +94,40 @@ def run_demo(output_dir: Path | None, *, verbose: bool = False) -> int:
         atomic_write_text(path, text + "\n")
         out.add_record({"task": task, "text": text, "files": [str(path.name)]})
 
-    settings = BatchSettings(out=out, as_json=False, pixel=PixelOptions(steps=2, size=64, seed=0))
-    runtime = instruct.runtime
+    def media(kind: str, path: Path, **fields: str) -> Target:
+        return Target(Item(str(path), fields, [Media(kind, str(path), path=path)]), path.stem)
+
+    def text(field: str, value: str, stem: str) -> Target:
+        return Target(Item(value, {field: value}), stem)
+
+    question = {"question": "What is in it?", "instruction": "What is in it?"}
+    # (API task, file/record name, what it writes, input, options)
     runs = [
-        ("caption", [image_job(image_path, {}, runtime)], options),
-        ("ask-image", [image_job(image_path, {"question": "What colour is it?"}, runtime)],
-         options),
-        ("imagine", [Job(name="a red kite", stem="kite", fields={"caption": "a red kite"})], image_options),
-        ("edit", [image_job(image_path, {"instruction": "make it blue"}, runtime)], image_options),
-        ("asr", [audio_job(audio_path, {}, runtime)], options),
-        ("ask-audio", [audio_job(audio_path, {"instruction": "What is this sound?"}, runtime)], options),
-        ("tts", [Job(name="hello world", stem="hello", fields={"text": "hello world"})], speech_options),
-        ("speak", [Job(name="say hi", stem="hi", fields={"question": "Say hi."})], speech_options),
-    ]
-    video_path = _demo_video(out.path)
-    frames = FrameOptions(max_frames=4)
-    runs += [
-        ("video-caption", [video_job(video_path, {}, runtime, frames)], options),
-        ("ask-video", [video_job(video_path, {"question": "What happens?"}, runtime, frames)], options),
+        ("caption", "caption", TEXT, media(IMAGE, image_path), options),
+        ("ask", "ask-image", TEXT, media(IMAGE, image_path, **question), options),
+        ("imagine", "imagine", IMAGE_OUT, text("caption", "a red kite", "kite"), image_options),
+        ("edit", "edit", IMAGE_OUT, media(IMAGE, image_path, instruction="make it blue"), image_options),
+        ("asr", "asr", TEXT, media(AUDIO, audio_path), options),
+        ("ask", "ask-audio", TEXT, media(AUDIO, audio_path, **question), options),
+        ("tts", "tts", SPEECH, text("text", "hello world", "hello"), speech_options),
+        ("speak", "speak", SPEECH, text("question", "Say hi.", "hi"), speech_options),
+        ("video_caption", "video-caption", TEXT, media(VIDEO, video_path), options),
+        ("ask", "ask-video", TEXT, media(VIDEO, video_path, **question), options),
+        ("video_gen", "video-gen", VIDEO_OUT, text("description", "a kite flying", "kite"),
+         GenerationOptions(max_new_tokens=80, seed=0)),
+        ("cot_visual", "cot-visual", COT, media(IMAGE, image_path, question="How many legs has a cat?"),
+         image_options),
     ]
     failures = 0
-    for task_name, jobs, task_options in runs:
-        say(f"running {task_name}")
-        failures += run_jobs(instruct, TASKS[task_name], jobs, settings, task_options)
+    for api_task, name, kind, target, task_options in runs:
+        say(f"running {name}")
+        writer = ResultWriter(name, kind, out)
+        failures += run_and_write(instruct, api_task, [target], writer, options=task_options, max_frames=4, **pixels)
     say("running keyframes")
-    failures += write_keyframes([video_path], OutputDir(out.path / "keyframes"), frames)[1]
-    say("running video-gen")
-    failures += run_video_gen(instruct, [Job(name="a kite flying", stem="kite", fields={"description": "a kite"})],
-                              out, GenerationOptions(max_new_tokens=80, seed=0), settings.pixel, 2.0, False)
+    failures += write_keyframes([video_path], OutputDir(out.path / "keyframes"), FrameOptions(max_frames=4))[1]
     say("running interleave")
-    failures += run_interleave(instruct, "a red kite", OutputDir(out.path / "story"),
-                               GenerationOptions(max_new_tokens=120, seed=0), settings.pixel, False)
-    say("running cot-visual")
-    failures += run_cot_visual(instruct, "How many legs has a cat?", image_path, out, image_options,
-                               settings.pixel, False, False)
+    story = ResultWriter("interleave", STORY, OutputDir(out.path / "story"))
+    failures += run_and_write(instruct, "interleave", [text("topic", "a red kite", "story")], story,
+                              options=GenerationOptions(max_new_tokens=120, seed=0), **pixels)
     say(f"outputs (and manifest.jsonl) written to {out.path.resolve()} in {time.perf_counter() - start:.1f} s")
     return 1 if failures else 0

@@ -290,6 +290,53 @@ class SegmentConstraint:
         return scores
 
 
+# ---- seeds ----------------------------------------------------------------------------------
+def row_seed(seed: int, prompt_ids: Sequence[int], sample: int = 0) -> int:
+    """The random seed of one prompt's generation: a function of the run's seed, the prompt's
+    ids and the sample number only, so the answer does not depend on the batch it lands in."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=8)
+    digest.update(f"{seed}:{sample}:".encode())
+    digest.update(b",".join(str(i).encode() for i in prompt_ids))
+    return int.from_bytes(digest.digest(), "big") >> 1
+
+
+class RowSampler:
+    """Samples each row's next token with that row's own generator, after temperature and top-p.
+
+    Placed last among the logits processors of a greedy generate() call: it leaves only the
+    sampled token finite, so the greedy argmax takes it. transformers' own sampling draws every
+    row from one shared random stream, which ties a row's answer to its batch neighbours.
+    """
+
+    def __init__(self, seeds: Sequence[int], settings: GenerationSettings) -> None:
+        self.seeds = list(seeds)
+        self.settings = settings
+        self.generators: list[Any] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        import torch
+
+        if not self.generators:
+            # On the scores' device: a CUDA row draws from a CUDA generator, without a copy to the CPU.
+            self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
+        scores = scores.float() / self.settings.temperature
+        top_p = self.settings.top_p
+        if top_p is not None and top_p < 1.0:
+            # The same rule as transformers' TopPLogitsWarper: drop the low tail whose mass is at
+            # most 1 - top_p, always keeping the most likely token.
+            ordered, order = torch.sort(scores, descending=False, dim=-1)
+            tail = ordered.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+            tail[..., -1:] = False
+            scores = scores.masked_fill(tail.scatter(1, order, tail), float("-inf"))
+        probabilities = scores.softmax(dim=-1)
+        chosen = torch.cat([torch.multinomial(probabilities[row], 1, generator=generator)
+                            for row, generator in enumerate(self.generators)])
+        only = torch.full_like(scores, float("-inf"))
+        return only.scatter(1, chosen.unsqueeze(1), 0.0)
+
+
 # ---- running ----------------------------------------------------------------------------------
 def generate(
     llm: Any,
@@ -299,7 +346,7 @@ def generate(
     *,
     stop_id: int,
     batch_size: int = 1,
-    seed: int | None = None,
+    seeds: Sequence[int] | None = None,
     constraint_factory: Callable[[int, int], Any] | None = None,
     on_batch_done: Callable[[int], None] | None = None,
     on_tokens: Callable[[list[int]], None] | None = None,
@@ -307,15 +354,22 @@ def generate(
     """New token ids for each prompt (prompt and padding removed, stop token dropped).
 
     Prompts are grouped by length before batching so that left padding stays small; the
-    results come back in the input order. `on_tokens` sees the new ids as they are chosen,
-    for one prompt without beam search (a beam's tokens are only final at its end); otherwise
-    it is not called.
+    results come back in the input order. When sampling, `seeds` gives each prompt its own
+    random stream (see `row_seed`), so its answer is the same in any batch; without seeds the
+    streams are random. Beam sampling has no per-row sampler in transformers: each of its
+    prompts is generated alone. `on_tokens` sees the new ids as they are chosen, for one prompt
+    without beam search (a beam's tokens are only final at its end); otherwise it is not called.
     """
+    import secrets
+
     import torch
     from transformers import LogitsProcessorList
 
-    if seed is not None:
-        torch.manual_seed(seed)
+    if seeds is None:
+        seeds = [secrets.randbits(63) for _ in prompts]
+    beam_sampling = settings.do_sample and settings.num_beams > 1
+    if beam_sampling:
+        batch_size = 1
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: dict[int, list[int]] = {}
     device = next(llm.parameters()).device
@@ -332,6 +386,12 @@ def generate(
         processors = LogitsProcessorList()
         if constraint_factory is not None:
             processors.append(constraint_factory(width, settings.max_new_tokens))
+        run_settings = settings
+        if beam_sampling:
+            torch.manual_seed(seeds[chunk[0]])
+        elif settings.do_sample:
+            processors.append(RowSampler([seeds[i] for i in chunk], settings))
+            run_settings = replace(settings, do_sample=False)
         streamer = None
         if on_tokens is not None and len(prompts) == 1 and settings.num_beams == 1:
             streamer = _TokenStream(on_tokens)
@@ -343,7 +403,7 @@ def generate(
                 eos_token_id=stop_id,
                 pad_token_id=pad_id,
                 streamer=streamer,
-                **hf_generate_kwargs(settings),
+                **hf_generate_kwargs(run_settings),
             )
         for row, index in enumerate(chunk):
             new = output[row, width:].tolist()

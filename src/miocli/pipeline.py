@@ -1,17 +1,19 @@
-"""Runs a task over a batch of prompts: prompt → token ids → generate → parse.
+"""Prompts and generation: task prompt text → token ids → the LLM (the engine seam) → parsed output.
 
-Media encoding (image/speech → token strings) and decoding (segments → files) plug in
-around this through the runtime's codecs; this module only knows token strings.
+Media encoding (image/speech → token strings) and decoding (segments → pixels, samples) plug
+in around this (`stream.py`); this module only knows token strings.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from miocli import protocol
-from miocli.errors import UsageError
+from miocli.errors import InputError, UsageError
 from miocli.generation import (
     PRESETS,
     GenerationOverrides,
@@ -19,6 +21,7 @@ from miocli.generation import (
     MediaVocabulary,
     SegmentConstraint,
     generate,
+    row_seed,
 )
 from miocli.runtime import Runtime
 from miocli.tasks import Task, media_placeholders
@@ -132,6 +135,24 @@ class Engine:
                 hint="shorten the input (fewer frames, a shorter recording or text)",
             )
 
+    def context_length(self) -> int | None:
+        value = getattr(self.runtime.llm.config, "max_position_embeddings", None)
+        return value if isinstance(value, int) and value > 0 else None
+
+    def check_prompt_length(self, task: Task, settings: GenerationSettings, length: int) -> None:
+        """UsageError when a prompt of `length` tokens leaves no room for the answer the task must give."""
+        context = self.context_length()
+        if context is None:
+            return
+        if length >= context:
+            raise UsageError(
+                f"the prompt is {length} tokens, the model's context is {context}",
+                hint="shorten the input (fewer frames or a shorter recording)",
+            )
+        room = context - length
+        if room < settings.max_new_tokens:
+            self._check_room(task, room, length, context)
+
     def run(
         self,
         task: Task,
@@ -140,27 +161,23 @@ class Engine:
         overrides: GenerationOverrides | None = None,
         batch_size: int = 1,
         seed: int | None = None,
+        samples: Sequence[int] | None = None,
         constrain: bool = True,
         on_batch_done: Callable[[int], None] | None = None,
         on_tokens: Callable[[list[int]], None] | None = None,
     ) -> list[Generated]:
+        """Generate for every prompt. With a `seed`, each prompt's random stream comes from the seed,
+        its ids and its sample number (`samples`, default 0): the same answer in any batch."""
         if batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
         settings = self.settings_for(task, overrides)
         tokenizer = self.runtime.tokenizer
         rows = self.encode(prompts)
-        context = getattr(self.runtime.llm.config, "max_position_embeddings", None)
-        if context:
-            longest = max(len(r) for r in rows)
-            if longest >= context:
-                raise UsageError(
-                    f"the prompt is {longest} tokens, the model's context is {context}",
-                    hint="shorten the input (fewer frames or a shorter recording)",
-                )
-            room = context - longest
-            if room < settings.max_new_tokens:
-                self._check_room(task, room, longest, context)
-                settings = GenerationOverrides(max_new_tokens=room).apply(settings)
+        longest = max(len(r) for r in rows)
+        self.check_prompt_length(task, settings, longest)
+        context = self.context_length()
+        if context is not None and context - longest < settings.max_new_tokens:
+            settings = GenerationOverrides(max_new_tokens=context - longest).apply(settings)
         factory = None
         if constrain:
             vocab = MediaVocabulary(tokenizer)
@@ -176,9 +193,13 @@ class Engine:
                     start_in_image=task.prefill == protocol.IMAGE_BEGIN,
                 )
 
+        seeds = None
+        if seed is not None:
+            numbers = list(samples) if samples is not None else [0] * len(rows)
+            seeds = [row_seed(seed, row, sample) for row, sample in zip(rows, numbers)]
         outputs = generate(
             self.runtime.llm, tokenizer, rows, settings, stop_id=self.stop_id(), batch_size=batch_size,
-            seed=seed, constraint_factory=factory, on_batch_done=on_batch_done, on_tokens=on_tokens,
+            seeds=seeds, constraint_factory=factory, on_batch_done=on_batch_done, on_tokens=on_tokens,
         )
         results = []
         for prompt, ids in zip(prompts, outputs):
@@ -187,3 +208,94 @@ class Engine:
             parsed = protocol.parse_output(text, extract=False)
             results.append(Generated(prompt, ids, raw, parsed))
         return results
+
+
+# ---- recordings that must fit one prompt ------------------------------------------------------
+# MIO_PROTOCOL §4: one token per layer for every 320 samples of 16 kHz audio, i.e. 50 per second.
+SPEECH_HOP = 320
+SPEECH_RATE = 16000
+# Tasks whose answers for consecutive parts of one recording can be joined into one answer.
+SPLITTABLE_TASKS = frozenset({"asr"})
+# Below this a split would cut a recording into slivers too short to say a word in.
+MIN_PART_SECONDS = 1.0
+
+log = logging.getLogger("miocli")
+
+
+@dataclass(frozen=True)
+class PromptBudget:
+    """How many speech tokens fit one prompt of a task: the LLM's context minus the rest of
+    the prompt and the room kept for the answer (the task's max_new_tokens)."""
+
+    engine: Engine
+    task: Task
+    context: int | None
+    answer_tokens: int
+
+    @classmethod
+    def for_task(cls, engine: Engine, task: Task, overrides: GenerationOverrides | None) -> PromptBudget:
+        answer = engine.settings_for(task, overrides).max_new_tokens
+        return cls(engine, task, context_length(engine.runtime), answer)
+
+    def overhead(self, fields: dict[str, str], recordings: int) -> int:
+        """Prompt tokens besides the recordings' codes (chat template, question, <spch></spch>)."""
+        text = task_prompt_text(self.task, self.engine.runtime.variant, fields, recordings)
+        # One code per segment, taken off again: measures the markers as they really tokenize.
+        dummy = [protocol.SPEECH_BEGIN + "<spch0>" + protocol.SPEECH_END] * recordings
+        return len(self.engine.encode([Prompt(text, [], dummy)])[0]) - recordings
+
+    def fit(self, name: str, fields: dict[str, str], waves: list[Any], per_frame: int) -> list[list[Any]]:
+        """`waves` as one prompt's media, or (splittable tasks, one recording) as several parts.
+
+        `per_frame` is the prompt tokens per 20 ms frame (1 for content, 4 with timbre). Raises
+        InputError naming the duration and the limit when the recording cannot fit.
+        """
+        if self.context is None or not waves:
+            return [waves]
+        frames = sum(math.ceil(len(w) / SPEECH_HOP) for w in waves)
+        overhead = self.overhead(fields, len(waves))
+        room = self.context - overhead - self.answer_tokens
+        if frames * per_frame <= room:
+            return [waves]
+        seconds = sum(len(w) for w in waves) / SPEECH_RATE
+        limit = max(room // per_frame, 0) * SPEECH_HOP / SPEECH_RATE
+        where = (f"the model's context is {self.context} tokens, {overhead} of them taken by the rest of the prompt "
+                 f"and {self.answer_tokens} kept for the answer (--max-new-tokens)")
+        from miocli.media.audio import format_duration, split_for_prompt
+
+        if limit < MIN_PART_SECONDS:
+            # Trimming cannot help when the answer's room leaves (next to) nothing for speech.
+            raise InputError(
+                f"the recording is {format_duration(seconds)} long and one `{self.task.name}` prompt leaves only "
+                f"{format_duration(limit)} for speech: {where}",
+                hint="pass a smaller --max-new-tokens",
+                source=name,
+            )
+        if self.task.name not in SPLITTABLE_TASKS or len(waves) != 1:
+            raise InputError(
+                f"the recording is {format_duration(seconds)} long; one `{self.task.name}` prompt holds at most "
+                f"{format_duration(limit)} of speech: {where}",
+                hint=f"trim it to at most {format_duration(limit)} (e.g. `ffmpeg -i IN -t {math.floor(limit)} "
+                "OUT.wav`), pass a smaller --max-new-tokens, or transcribe it with `mio asr`, which splits long "
+                "recordings",
+                source=name,
+            )
+        bounds = split_for_prompt(waves[0], limit, SPEECH_RATE)
+        cuts = ", ".join(format_duration(end / SPEECH_RATE) for _, end in bounds[:-1])
+        log.info(f"{name}: {format_duration(seconds)} is longer than one prompt holds "
+                 f"({format_duration(limit)}): transcribing it in {len(bounds)} parts cut at {cuts}")
+        return [[waves[0][start:end]] for start, end in bounds]
+
+
+def context_length(runtime: Runtime) -> int | None:
+    """The LLM's context (max_position_embeddings), from config.json so the LLM need not load yet."""
+    import json
+
+    if "llm" in runtime.loaded():
+        value = getattr(runtime.llm.config, "max_position_embeddings", None)
+    else:
+        try:
+            value = json.loads((runtime.model_dir / "config.json").read_text()).get("max_position_embeddings")
+        except (OSError, ValueError, AttributeError):
+            value = None  # a broken config.json is reported when the LLM loads
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None

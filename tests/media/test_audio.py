@@ -207,11 +207,11 @@ def test_write_rejects_unknown_format_and_multichannel(tmp_path: Path) -> None:
         write_audio(tmp_path / "x.wav", np.zeros((2, 10), np.float32))
 
 
-def test_write_to_missing_folder(tmp_path: Path) -> None:
+def test_write_to_missing_folder_is_a_plain_os_error(tmp_path: Path) -> None:
+    # Writers at the edge turn OSErrors (full disk included) into one error naming the file.
     path = tmp_path / "no" / "such" / "out.wav"
-    with pytest.raises(InputError, match="cannot write") as info:
+    with pytest.raises(FileNotFoundError):
         write_audio(path, np.zeros(10, np.float32))
-    assert str(path) in info.value.message
 
 
 # --- splitting --------------------------------------------------------------------------------

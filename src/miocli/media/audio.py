@@ -5,6 +5,7 @@ Kept free of torch so commands that only read or write audio stay light.
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
@@ -40,30 +41,64 @@ def read_audio(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
         raise InputError(f"cannot access {path}: {exc.strerror or exc}", source=source) from exc
     if size == 0:
         raise InputError(f"audio file is empty (0 bytes): {path}", f"give a {READABLE} file", source=source)
+    return _decode(path, source, sample_rate)
+
+
+def audio_from_bytes(data: bytes, name: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """The same as read_audio for an audio file's bytes (an upload, a buffer)."""
+    if not data:
+        raise InputError(f"{name} is empty (0 bytes)", f"give the bytes of a {READABLE} file", source=name)
+    return _decode(io.BytesIO(data), name, sample_rate)
+
+
+def audio_from_array(samples: np.ndarray, rate: int, name: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Samples given in memory ((n,) or (n, channels), at `rate` Hz) as float32 mono at `sample_rate`.
+
+    Integer arrays are scaled like integer PCM files; float arrays are taken as [-1, 1].
+    """
+    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
+        raise InputError(f"{name}: the sample rate must be a positive whole number of Hz (got {rate!r})",
+                         "pass the rate the samples were recorded at, e.g. (samples, 16000)", source=name)
+    arr = np.asarray(samples)
+    if arr.ndim not in (1, 2) or arr.size == 0:
+        raise InputError(f"{name}: audio must be a non-empty (samples,) or (samples, channels) array, "
+                         f"got shape {arr.shape}", source=name)
+    if np.issubdtype(arr.dtype, np.integer):
+        arr = arr.astype(np.float32) / np.float32(2 ** (8 * arr.dtype.itemsize - 1))
+    elif not np.issubdtype(arr.dtype, np.floating):
+        raise InputError(f"{name}: audio samples must be numbers, got {arr.dtype}", source=name)
+    return _to_mono(arr.astype(np.float32, copy=False).reshape(len(arr), -1), int(rate), name, sample_rate)
+
+
+def _decode(source: Path | io.BytesIO, name: str, sample_rate: int) -> np.ndarray:
     try:
-        with sf.SoundFile(path) as f:
+        with sf.SoundFile(source) as f:
             rate = f.samplerate
-            _check_not_truncated(f.extra_info, path)
+            _check_not_truncated(f.extra_info, name)
             data = f.read(dtype="float32", always_2d=True)
     except sf.LibsndfileError as exc:
         raise InputError(
-            f"cannot read {path} as audio ({exc.error_string})",
+            f"cannot read {name} as audio ({exc.error_string})",
             f"the file is corrupt or not audio; give a {READABLE} file",
-            source=source,
+            source=name,
         ) from exc
     except (sf.SoundFileError, RuntimeError, OSError) as exc:
-        raise InputError(f"cannot read {path} as audio ({exc})", f"give a {READABLE} file", source=source) from exc
+        raise InputError(f"cannot read {name} as audio ({exc})", f"give a {READABLE} file", source=name) from exc
     if data.shape[0] == 0:
-        raise InputError(f"audio file has no samples: {path}", "record or export some sound into it", source=source)
+        raise InputError(f"audio file has no samples: {name}", "record or export some sound into it", source=name)
+    return _to_mono(data, rate, name, sample_rate)
+
+
+def _to_mono(data: np.ndarray, rate: int, name: str, sample_rate: int) -> np.ndarray:
     mono = data.mean(axis=1, dtype=np.float32) if data.shape[1] > 1 else data[:, 0]
     if not np.isfinite(mono).all():
-        raise InputError(f"{path} contains NaN or infinite samples", "re-export it as 16-bit PCM", source=source)
+        raise InputError(f"{name} contains NaN or infinite samples", "re-export it as 16-bit PCM", source=name)
     if rate != sample_rate:
         mono = soxr.resample(mono, rate, sample_rate)
     return np.ascontiguousarray(mono, dtype=np.float32)
 
 
-def _check_not_truncated(info: str, path: Path) -> None:
+def _check_not_truncated(info: str, path: Path | str) -> None:
     """libsndfile silently reads what is there of a cut-off WAV; a partial download must not
     pass as a shorter recording. Its header report says 'data : N (should be M)' then."""
     match = _DATA_SIZE.search(info)
@@ -100,26 +135,30 @@ def write_audio(
     *,
     subtype: str = "PCM_16",
 ) -> None:
-    """Write mono samples as wav or flac (16-bit PCM unless `subtype` says otherwise).
+    """Write mono samples as a wav or flac file (16-bit PCM unless `subtype` says otherwise).
 
     `format` ("wav"/"flac") wins over the suffix, so callers can write to a temporary name.
-    Samples are clipped to [-1, 1] (integer PCM would wrap around otherwise) and NaN
-    becomes silence.
+    The file is encoded in memory and written with plain file I/O, so a full disk is an
+    OSError with its errno like any other write.
     """
     path = Path(path)
-    file_format = _output_format(path, format)
+    path.write_bytes(audio_bytes(samples, sample_rate, _output_format(path, format), subtype=subtype))
+
+
+def audio_bytes(samples: np.ndarray, sample_rate: int = SAMPLE_RATE, format: str = "wav", *,
+                subtype: str = "PCM_16") -> bytes:
+    """A wav or flac file's bytes. Samples are clipped to [-1, 1] (integer PCM would wrap around
+    otherwise) and NaN becomes silence."""
+    file_format = _output_format(Path(f"audio.{format.lower()}"), format)
     arr = np.asarray(samples, dtype=np.float32)
     # Accept the codec's (batch=1, channels=1, samples) output as well as a plain vector.
     if arr.ndim == 0 or sum(d > 1 for d in arr.shape) > 1:
-        raise ValueError(f"write_audio expects mono samples, got shape {arr.shape}")
+        raise ValueError(f"audio must be mono samples, got shape {arr.shape}")
     arr = arr.reshape(-1)
     arr = np.clip(np.nan_to_num(arr, nan=0.0, posinf=1.0, neginf=-1.0), -1.0, 1.0)
-    try:
-        sf.write(path, arr, sample_rate, format=file_format, subtype=subtype)
-    except (sf.SoundFileError, OSError) as exc:
-        raise InputError(
-            f"cannot write {path}: {exc}", "check that the folder exists and is writable", source=str(path)
-        ) from exc
+    buffer = io.BytesIO()
+    sf.write(buffer, arr, sample_rate, format=file_format, subtype=subtype)
+    return buffer.getvalue()
 
 
 def split_for_prompt(samples: np.ndarray, max_seconds: float, sample_rate: int = SAMPLE_RATE) -> list[tuple[int, int]]:

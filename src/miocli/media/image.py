@@ -5,6 +5,7 @@ No torch here: this module is imported by commands that only check their inputs.
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -35,28 +36,44 @@ def load_image(path: Path) -> Image.Image:
         raise InputError(f"cannot read {path}: {exc.strerror}", source=src) from exc
     if size == 0:
         raise InputError(f"{path} is empty (0 bytes)", hint="the file was not written completely", source=src)
+    return _decode(path, src)
+
+
+def image_from_bytes(data: bytes, name: str) -> Image.Image:
+    """The same as load_image for an image file's bytes (an upload, a buffer)."""
+    if not data:
+        raise InputError(f"{name} is empty (0 bytes)", hint="give the bytes of an image file", source=name)
+    return _decode(io.BytesIO(data), name)
+
+
+def image_from_pil(image: Image.Image, name: str) -> Image.Image:
+    """A PIL image given in memory, made upright 8-bit RGB like a loaded file."""
+    return _to_rgb(_upright(image), name)
+
+
+def _decode(source: Path | io.BytesIO, src: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # PIL only warns between 1x and 2x its pixel limit; refuse those too rather than
             # decode hundreds of megapixels for a 224x224 input
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as opened:
+            with Image.open(source) as opened:
                 opened.load()
                 image = _upright(opened)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InputError(
-            f"{path} is too large to decode safely ({exc})",
+            f"{src} is too large to decode safely ({exc})",
             hint="downscale the image (it only needs 224x224 pixels) and try again",
             source=src,
         ) from exc
     except UnidentifiedImageError as exc:
-        raise InputError(f"{path} is not an image format that can be read",
+        raise InputError(f"{src} is not an image format that can be read",
                          hint="convert it to PNG or JPEG", source=src) from exc
     except PermissionError as exc:
-        raise InputError(f"cannot read {path}: permission denied", source=src) from exc
+        raise InputError(f"cannot read {src}: permission denied", source=src) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # PIL reports truncated or broken data as OSError (and a few plugins as the others)
-        raise InputError(f"{path} is corrupt or truncated ({exc})",
+        raise InputError(f"{src} is corrupt or truncated ({exc})",
                          hint="re-export or re-download the image", source=src) from exc
     return _to_rgb(image, src)
 

@@ -80,6 +80,34 @@ class VideoInfo:
     height: int
 
 
+@dataclass(frozen=True)
+class FrameOptions:
+    """The user's frame choices (`--max-frames`, `--uniform`, `--threshold`)."""
+
+    max_frames: int = DEFAULT_MAX_FRAMES
+    uniform: bool = False
+    threshold: float | None = None
+
+    def extract(self, path: Path) -> list[Keyframe]:
+        return extract_keyframes(path, max_frames=self.max_frames, uniform=self.uniform, threshold=self.threshold)
+
+
+def keyframes_of_bytes(data: bytes, name: str, frames: FrameOptions) -> list[Keyframe]:
+    """Keyframes of a video given as bytes: OpenCV reads files only, so through a private temp file."""
+    import tempfile
+
+    if not data:
+        raise InputError(f"{name} is empty (0 bytes)", hint="give the bytes of a video file", source=name)
+    with tempfile.TemporaryDirectory(prefix="mio-video-") as folder:
+        path = Path(folder) / "input-video"
+        path.write_bytes(data)
+        try:
+            return frames.extract(path)
+        except InputError as exc:
+            # The temp file's name means nothing to the caller: name the input instead.
+            raise InputError(exc.message.replace(str(path), name), exc.hint, source=name) from None
+
+
 def extract_keyframes(
     path: Path,
     *,

@@ -162,7 +162,9 @@ class UnclipDecoder:
         pipe = self.pipeline
         pipe._mio_negative_embeds = negative
         try:
-            with quiet_libraries():
+            # Always in inference mode: a decode inside generate()'s streaming callback is, and the
+            # pipeline's image normalizer keeps the kind of tensor it first saw.
+            with quiet_libraries(), torch.inference_mode():
                 out = pipe(
                     # One empty prompt per row: the text batch must match the embedding batch.
                     prompt=[""] * batch,
@@ -221,6 +223,7 @@ class UnclipDecoder:
 def _pipeline_class() -> type:
     """The diffusers pipeline with its image-encoding step replaced (built on first use)."""
     from diffusers import StableUnCLIPImg2ImgPipeline
+    from diffusers.utils.torch_utils import randn_tensor
 
     class EmbeddingOnlyUnclipPipeline(StableUnCLIPImg2ImgPipeline):
         """StableUnCLIPImg2ImgPipeline that works without the CLIP image encoder.
@@ -254,11 +257,14 @@ def _pipeline_class() -> type:
 
             def condition(embeds: torch.Tensor) -> torch.Tensor:
                 # Same noise augmentation as training (normalise, noise, un-normalise, append
-                # the noise-level embedding), then one row per requested image.
+                # the noise-level embedding), then one row per requested image. One noise row
+                # for all: identical embeddings must give identical pictures in any batch.
+                embeds = embeds.to(device=device, dtype=dtype)
+                noise = randn_tensor((1, *embeds.shape[1:]), generator=generator, device=device, dtype=dtype)
                 noised = self.noise_image_embeddings(
-                    image_embeds=embeds.to(device=device, dtype=dtype),
+                    image_embeds=embeds,
                     noise_level=noise_level,
-                    generator=generator,
+                    noise=noise.expand_as(embeds),
                 )
                 return noised.repeat_interleave(num_images_per_prompt, dim=0)
 
@@ -270,6 +276,21 @@ def _pipeline_class() -> type:
             # which the reference consumes the generator, so seeded runs line up with it.
             uncond = torch.zeros_like(cond) if negative is None else condition(negative)
             return torch.cat([uncond, cond])
+
+        def prepare_latents(
+            self, batch_size: int, num_channels_latents: int, height: int, width: int, dtype: torch.dtype,
+            device: torch.device, generator: torch.Generator | None, latents: torch.Tensor | None = None,
+        ) -> torch.Tensor:
+            # Every image starts from the same latents, as in the reference (one `latents` tensor):
+            # the frames of a video or the images of a story then share their start, and an image
+            # does not depend on what else is decoded with it. With one image this draws exactly
+            # what the stock method draws.
+            if latents is None:
+                shape = (1, num_channels_latents, int(height) // self.vae_scale_factor,
+                         int(width) // self.vae_scale_factor)
+                latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+                latents = latents.expand(batch_size, *shape[1:]).contiguous()
+            return latents.to(device) * self.scheduler.init_noise_sigma
 
     return EmbeddingOnlyUnclipPipeline
 
