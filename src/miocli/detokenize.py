@@ -55,15 +55,16 @@ def run_detokenize(mio: Any, text: str, output: str, *, embeddings_only: bool, o
         else:
             data = result.audio[0].to_bytes(fmt)
             written = write_single_file(name, lambda handle, data=data: handle.write(data), overwrite=overwrite)
-        if written != "-":
+        # A path on stdout would corrupt bytes written to a stream that may be stdout itself.
+        if written != "-" and not writes_in_place(Path(written)):
             print(written, flush=True)
     return 0
 
 
 def _format(output: str, formats: dict[str, str], what: str, choices: str) -> str:
-    if output == "-":
-        return next(iter(formats.values()))
     suffix = Path(output).suffix.lower()
+    if output == "-" or (suffix not in formats and writes_in_place(Path(output))):
+        return next(iter(formats.values()))  # a stream (stdout, /dev/stdout, a pipe) has no name to follow
     if suffix not in formats:
         raise UsageError(f"cannot write {what} as {suffix or 'a file without an extension'} ({output})",
                          hint=f"name the output {choices}, or '-' for stdout")

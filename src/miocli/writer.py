@@ -145,10 +145,18 @@ class ResultWriter:
         if not self.out.exists(name):
             return False
         owner = self.out.recorded_files().get(name)
-        if owner is not None and owner != display_name(target.name) and owner != target.name:
+        if owner is not None and owner != target.name:
             return False
         # Claimed for this input: another input deriving the same name is refused, not skipped.
         self.out.claim(name, source=target.name)
+        if owner is None:
+            # A kill between the file's rename and its manifest line: the file is whole (written
+            # atomically), so the manifest gets the line it missed.
+            record: dict[str, Any] = {"task": self.task, "input": target.name, "problems": [],
+                                      "files": [name], "recovered": True}
+            if self.kind in (TEXT, GENERATE):
+                record["text"] = (self.out.path / name).read_text(encoding="utf-8", errors="replace").rstrip("\n")
+            self._add_record(record, target)
         return True
 
     # ---- as results arrive ----------------------------------------------------------------------
@@ -156,7 +164,9 @@ class ResultWriter:
         """Files, manifest line and stdout line of one result."""
         self.progress(1)
         record = result.to_record()
-        record.update(task=self.task, input=display_name(target.name))
+        # Records keep the name as it is: json_line escapes bytes that are not UTF-8 so the name
+        # reads back exactly (os.fsencode gives the file's bytes); messages show display_name.
+        record.update(task=self.task, input=target.name)
         for problem in result.problems:
             print(f"mio: warning: {display_name(target.name)}: {problem}", file=sys.stderr)
         if result.error is not None:
@@ -176,7 +186,7 @@ class ResultWriter:
 
     def fail(self, target: Target, exc: MioError) -> None:
         """An input that failed before reaching the core (its output would clobber a file)."""
-        record = {"task": self.task, "input": display_name(target.name), "text": "", "problems": [],
+        record = {"task": self.task, "input": target.name, "text": "", "problems": [],
                   "error": exc.message}
         if exc.hint:
             record["hint"] = exc.hint
@@ -330,8 +340,8 @@ class ResultWriter:
         written = f"{self.written} result(s) were written (each with its manifest line)" if self.written \
             else "no result was written"
         return EnvironmentProblem(
-            f"{exc.message}; {written}; the result of {display_name(target.name)} was lost and the inputs after "
-            "it were not run",
+            f"{exc.message}; {written}; nothing from {display_name(target.name)} on was written (its result was "
+            "lost and the inputs after it were not kept)",
             hint=exc.hint or "fix the cause, then run the same command with --skip-existing to finish the set",
         )
 
