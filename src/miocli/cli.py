@@ -68,7 +68,9 @@ def print_prompt(mio: Any, prompt_text: str, as_json: bool, **media: Any) -> Non
 def read_text_argument(value: str | None, what: str) -> str:
     """A prompt from the command line, or from stdin when it is '-'."""
     if value == "-":
-        value = sys.stdin.read()
+        from miocli.inputs import read_stdin
+
+        value = read_stdin(what)
     if value is None or not value.strip():
         raise UsageError(f"the {what} is empty", hint=f"give the {what} as an argument, or '-' to read stdin")
     return value
@@ -92,7 +94,9 @@ def _expand_text_inputs(values: list[str], what: str) -> list[str]:
     texts: list[str] = []
     for value in values:
         if value == "-":
-            texts.extend(line for line in sys.stdin.read().splitlines() if line.strip())
+            from miocli.inputs import read_stdin
+
+            texts.extend(line for line in read_stdin(f"{what}s").splitlines() if line.strip())
         else:
             texts.append(value)
     if not texts or any(not t.strip() for t in texts):
@@ -143,6 +147,12 @@ def chat(
         raise UsageError(f"unknown --mode {mode!r}", hint="use std, voice or custom")
     if system is not None and mode != "custom":
         raise UsageError("--system needs --mode custom")
+    from miocli.writer import require_stdout
+
+    require_stdout()
+    if interactive and sys.stdin is None:
+        raise UsageError("stdin is closed, so there is nothing to read in an interactive session",
+                         hint="run it in a terminal, or give the question as an argument")
     options = opts.generation(batch_size=1)
     conversation = _conversation(question, messages, interactive)
     mio = opts.make_mio()
@@ -166,7 +176,9 @@ def chat(
 def _conversation(question: str | None, messages: str | None, interactive: bool) -> list[dict[str, Any]]:
     turns: list[dict[str, Any]] = []
     if messages is not None:
-        source = sys.stdin.read() if messages == "-" else _read_file(messages)
+        from miocli.inputs import read_stdin
+
+        source = read_stdin("messages") if messages == "-" else _read_file(messages)
         try:
             data = json.loads(source)
         except json.JSONDecodeError as exc:

@@ -189,9 +189,10 @@ class Run:
             for part in parts:
                 speeches = [self.speech_string(wave, item.with_timbre) for wave in part]
                 pending.prompts.append(self.prompt(task, item, [], speeches))
+        elif media:
+            pending.images = media  # the prompt is built once the batch's images are encoded
         else:
             pending.prompts.append(self.prompt(task, item, [], []))
-            pending.images = media
         return pending
 
     def prompts_of(self, index: int, item: Item) -> list[Prompt]:
