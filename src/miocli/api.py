@@ -62,7 +62,7 @@ _FRAME_NAMES = {"max_frames", "uniform", "threshold"}
 
 def _is_many(value: Any) -> bool:
     """A list of inputs (rather than one input that happens to be a sequence)."""
-    if isinstance(value, (list, Iterator)) or type(value).__name__ == "generator":
+    if isinstance(value, (list, Iterator)):
         return True
     if isinstance(value, tuple):
         # (samples, rate) is one recording.
@@ -172,7 +172,8 @@ class Mio:
         return self._one_or_many("ask", media, question=question, **settings)
 
     def imagine(self, prompts: Any, *, n: int = 1, **settings: Any) -> Any:
-        """Image(s) from text: each result's `.images[0]` is a PIL image. `n` > 1 samples n per prompt."""
+        """Image(s) from text: each result's `.images[0]` is a PIL image. With `n` > 1, n samples per
+        prompt (sampling on unless `sample=False`), as one list in prompt order."""
         if n < 1:
             raise UsageError("n must be at least 1")
         if n > 1:

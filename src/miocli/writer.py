@@ -107,8 +107,8 @@ class ResultWriter:
 
     def __post_init__(self) -> None:
         if self.kind not in (TEXT, GENERATE) and self.out is None:
-            raise _needs_output_dir(self.task)
-        if (self.out is None or self.as_json) and not stdout_usable():
+            raise UsageError(f"`mio {self.task}` writes files", hint="pass -o DIR")
+        if self.out is None or self.as_json:
             require_stdout()
 
     # ---- before the core runs ----------------------------------------------------------------
@@ -131,6 +131,7 @@ class ResultWriter:
             try:
                 if self.out.skip_existing and self._done(target, name):
                     print(f"mio: skipping {display_name(target.name)}: its output exists", file=sys.stderr)
+                    self.progress(1)
                     continue
                 # Claimed now: an existing file, or a second input with the same stem, fails here.
                 self.out.target(name, source=target.name)
@@ -186,6 +187,7 @@ class ResultWriter:
 
     def fail(self, target: Target, exc: MioError) -> None:
         """An input that failed before reaching the core (its output would clobber a file)."""
+        self.progress(1)
         record = {"task": self.task, "input": target.name, "text": "", "problems": [],
                   "error": exc.message}
         if exc.hint:
@@ -358,10 +360,6 @@ def silence_stdout() -> None:
 
 def _number(index: int) -> str:
     return "" if index == 0 else f"-{index + 1}"
-
-
-def _needs_output_dir(task: str) -> MioError:
-    return UsageError(f"`mio {task}` writes files", hint="pass -o DIR")
 
 
 def _tidy_markdown(text: str) -> str:
