@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -200,8 +201,15 @@ def test_weights_that_fail_to_load_are_still_a_model_error(tiny_model: Path, tmp
     broken = tmp_path / "mismatched"
     shutil.copytree(tiny_model, broken, ignore=shutil.ignore_patterns("seed-*", "SpeechTokenizer", "stable-*"))
     save_file({"model.embed_tokens.weight": torch.zeros(3, 3)}, str(broken / "model.safetensors"))
-    with pytest.raises(ModelError, match="cannot load the LLM"):
+    with pytest.raises(ModelError, match="do not fit its config.json") as caught:
         _ = Runtime(RuntimeOptions(model=str(broken))).llm
+    # The headers say exactly what is wrong, instead of the library's "look at the above report".
+    message = caught.value.message
+    config = json.loads((broken / "config.json").read_text())
+    expected = (config["vocab_size"], config["hidden_size"])
+    assert f"model.embed_tokens.weight is (3, 3) in model.safetensors, config.json implies {expected}" in message
+    assert "missing tensors: model.layers.0." in message
+    assert "mio doctor" in (caught.value.hint or "")
 
 
 # ---- 4-bit and 8-bit on CPU ----------------------------------------------------------------------

@@ -29,8 +29,20 @@ UNCLIP = "unclip"
 COMPONENTS = (LLM, SEED, SPEECH, UNCLIP)
 
 TOKENIZER_FILES = ("tokenizer.model",)
+UNCLIP_FOLDER = "stable-diffusion-2-1-unclip"
 UNCLIP_SUBFOLDERS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "image_normalizer",
                      "image_noising_scheduler")
+UNCLIP_PIPELINE = "StableUnCLIPImg2ImgPipeline"
+
+# Files transformers reads while loading a causal LM and its tokenizer/processor: an `auto_map` in any
+# of them is how a folder asks to run its own Python (trust_remote_code).
+LLM_CONFIG_FILES = ("config.json", "tokenizer_config.json", "generation_config.json", "preprocessor_config.json",
+                    "processor_config.json")
+# Libraries a diffusers model_index.json may name for a component without importing code from the
+# folder; "stable_diffusion" is diffusers' own pipeline module that holds StableUnCLIPImageNormalizer.
+DIFFUSERS_LIBRARIES = ("diffusers", "transformers", "stable_diffusion")
+CUSTOM_CODE_HINT = ("mio never runs Python shipped with a model: use the official m-a-p/MIO-7B files "
+                    "(`mio download`), or remove the auto_map entries and .py files if you added them")
 
 
 def hf_cache_dir() -> Path:
@@ -130,6 +142,43 @@ class ComponentReport:
     ok: bool
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # A problem is the folder asking to run its own code (not a damaged or missing file).
+    custom_code: bool = False
+
+
+def _read_json_object(path: Path) -> dict[str, object] | None:
+    """The JSON object in `path`; None when it is absent or not a readable JSON object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def custom_code_problems(folder: Path, config_names: Iterable[str], *, recursive: bool = False,
+                         prefix: str = "") -> list[str]:
+    """Why `folder` would make transformers or diffusers import Python from it.
+
+    Both libraries run a folder's own modules when a config names them (`auto_map`); the answer
+    must be "no" without anyone asking, so such a folder is refused before a library sees it.
+    Python files lying in the folder are refused too: nothing in a MIO checkpoint is code.
+    """
+    problems: list[str] = []
+    for name in config_names:
+        config = _read_json_object(folder / name)
+        auto_map = config.get("auto_map") if config is not None else None
+        if auto_map:
+            shown = ", ".join(f"{k} -> {v}" for k, v in auto_map.items()) if isinstance(auto_map, dict) else auto_map
+            problems.append(f"{prefix}{name} asks to run custom code from the folder (auto_map: {shown})")
+    try:
+        scripts = sorted(folder.rglob("*.py") if recursive else folder.glob("*.py"))
+    except OSError:
+        scripts = []
+    if scripts:
+        names = [str(p.relative_to(folder)) for p in scripts]
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        problems.append(f"{prefix}custom code in the model folder: {shown}")
+    return problems
 
 
 def _check_llm(model_dir: Path) -> ComponentReport:
@@ -146,14 +195,47 @@ def _check_llm(model_dir: Path) -> ComponentReport:
                 report.notes.append(f"model_type is {config.get('model_type')!r}, MIO is a llama model")
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             report.problems.append(f"config.json is corrupt ({exc.__class__.__name__}: {exc})")
+    custom = custom_code_problems(model_dir, LLM_CONFIG_FILES)
+    report.problems.extend(custom)
+    report.custom_code = bool(custom)
     for name in TOKENIZER_FILES:
         if not (model_dir / name).is_file():
             report.problems.append(f"{name} is missing")
     if not (model_dir / "added_tokens.json").is_file() and not (model_dir / "tokenizer_config.json").is_file():
         report.problems.append("added_tokens.json / tokenizer_config.json are missing (MIO's multimodal tokens)")
+    else:
+        vocab_problem = _vocab_problem(model_dir)
+        if vocab_problem:
+            report.problems.append(vocab_problem)
     report.problems.extend(_check_weight_files(model_dir))
     report.ok = not report.problems
     return report
+
+
+def _vocab_problem(model_dir: Path) -> str | None:
+    """An LLM vocabulary too small for the tokenizer's added tokens, from the JSON files alone.
+
+    Every MIO media token is an added token at the top of the vocabulary; an id at or past the
+    LLM's vocab_size would index beyond its embedding in the middle of a run. The sentencepiece
+    part is checked against the loaded model when it loads (runtime.load_llm).
+    """
+    config = _read_json_object(model_dir / "config.json")
+    vocab_size = config.get("vocab_size") if config is not None else None
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+        return None
+    top = -1
+    added = _read_json_object(model_dir / "added_tokens.json") or {}
+    tokenizer_config = _read_json_object(model_dir / "tokenizer_config.json") or {}
+    decoder = tokenizer_config.get("added_tokens_decoder")
+    for token_id in [*added.values(), *(decoder.keys() if isinstance(decoder, dict) else ())]:
+        try:
+            top = max(top, int(token_id))  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            continue
+    if top >= vocab_size:
+        return (f"config.json says vocab_size {vocab_size}, but the tokenizer has token ids up to {top}: "
+                "the LLM and the tokenizer files come from different models")
+    return None
 
 
 def _check_weight_files(model_dir: Path) -> list[str]:
@@ -222,6 +304,32 @@ def safetensors_problem(path: Path) -> str | None:
     return None
 
 
+def safetensors_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype, shape) of every tensor in a .safetensors file, from its header alone.
+
+    For a file `safetensors_problem` passed; raises ModelError naming the file otherwise.
+    """
+    problem = safetensors_problem(path)
+    if problem is None:
+        try:
+            with open(path, "rb") as handle:
+                header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            problem = f"{path.name} cannot be read ({exc}): {REDOWNLOAD_HINT}"
+    if problem is not None:
+        raise ModelError(problem, hint="`mio doctor` checks every component")
+    tensors: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(isinstance(n, int) for n in shape):
+            raise ModelError(f"{path.name} is corrupt (tensor {key} has no valid shape): {REDOWNLOAD_HINT}",
+                             hint="`mio doctor` checks every component")
+        tensors[key] = (str(entry.get("dtype")), tuple(shape))
+    return tensors
+
+
 def _data_end(header: object) -> int | None:
     """The largest `data_offsets` end in a safetensors header, or None when the header is malformed."""
     if not isinstance(header, dict):
@@ -274,15 +382,54 @@ def _check_speech(model_dir: Path) -> ComponentReport:
 
 
 def _check_unclip(model_dir: Path) -> ComponentReport:
-    folder = model_dir / "stable-diffusion-2-1-unclip"
+    folder = model_dir / UNCLIP_FOLDER
     report = ComponentReport(UNCLIP, ok=True)
+    prefix = f"{UNCLIP_FOLDER}/"
     if not (folder / "model_index.json").is_file():
-        report.problems.append("stable-diffusion-2-1-unclip/model_index.json is missing")
+        report.problems.append(f"{prefix}model_index.json is missing")
+    else:
+        custom = _pipeline_custom_code(folder / "model_index.json", prefix)
+        if isinstance(custom, str):
+            report.problems.append(custom)
+        else:
+            report.problems.extend(custom)
+            report.custom_code = bool(custom)
+    if folder.is_dir():
+        # Only the config files: tokenizer/vocab.json of the real model is a megabyte of no interest here.
+        sub_configs = [str(p.relative_to(folder)) for p in sorted(folder.glob("*/*config.json"))]
+        custom = custom_code_problems(folder, sub_configs, recursive=True, prefix=prefix)
+        report.problems.extend(custom)
+        report.custom_code = report.custom_code or bool(custom)
     for sub in UNCLIP_SUBFOLDERS:
         if not (folder / sub).is_dir():
-            report.problems.append(f"stable-diffusion-2-1-unclip/{sub}/ is missing")
+            report.problems.append(f"{prefix}{sub}/ is missing")
+        else:
+            report.problems.extend(prefix + f"{sub}/" + p for p in
+                                   (safetensors_problem(w) for w in sorted((folder / sub).glob("*.safetensors"))) if p)
     report.ok = not report.problems
     return report
+
+
+def _pipeline_custom_code(index_path: Path, prefix: str) -> list[str] | str:
+    """Components of a diffusers model_index.json that name code outside diffusers and transformers
+    (a custom pipeline or component is a module file shipped in the folder); a str when the file is bad."""
+    index = _read_json_object(index_path)
+    if index is None:
+        return f"{prefix}model_index.json is corrupt (not a JSON object)"
+    problems: list[str] = []
+    class_name = index.get("_class_name")
+    if not isinstance(class_name, str):
+        # diffusers writes [module, class] here for a pipeline whose code comes with the folder.
+        problems.append(f"{prefix}model_index.json names a custom pipeline {class_name!r}")
+    elif class_name != UNCLIP_PIPELINE:
+        return f"{prefix}model_index.json holds a {class_name} pipeline, not {UNCLIP_PIPELINE}"
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list):
+            continue
+        library = entry[0] if entry else None
+        if library is not None and library not in DIFFUSERS_LIBRARIES:
+            problems.append(f"{prefix}model_index.json loads {name} from custom code ({library!r})")
+    return problems
 
 
 _CHECKS = {LLM: _check_llm, SEED: _check_seed, SPEECH: _check_speech, UNCLIP: _check_unclip}
@@ -298,6 +445,9 @@ def require_components(model_dir: Path, components: Iterable[str]) -> None:
     if not failed:
         return
     details = "; ".join(f"{r.name}: {', '.join(r.problems)}" for r in failed)
+    if any(r.custom_code for r in failed):
+        raise ModelError(f"the model folder {model_dir} is refused — {details}",
+                         hint=CUSTOM_CODE_HINT + "; `mio doctor` shows the full check")
     raise ModelError(
         f"the model folder {model_dir} is incomplete — {details}",
         hint="re-run `mio download` for a hub model, or copy the missing files into the folder; "

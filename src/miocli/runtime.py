@@ -4,21 +4,29 @@ A `Runtime` holds the model folder and the user's choices; each component (token
 image codec, speech codec, unCLIP pipeline) is loaded the first time a task asks for it,
 so a command pays only for what its task needs. Every load is timed and its memory noted
 for `--verbose`.
+
+Loading never trusts the folder: no library may run code shipped with a model, read stdin or
+write to stdout, and a component that fails to load fails the same way, at once, every time it
+is asked for again (one error for a run, not one per input).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import logging
 import os
 import re
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from miocli import checkpoint
+from miocli import checkpoint, protocol
 from miocli.errors import EnvironmentProblem, ModelError, UsageError
 
 if TYPE_CHECKING:
@@ -205,6 +213,8 @@ class Runtime:
     _model_dir: Path | None = None
     _components: dict[str, Any] = field(default_factory=dict)
     loads: list[LoadRecord] = field(default_factory=list)
+    # (component, parts) -> the ModelError its load raised: broken files are not read again.
+    _failures: dict[tuple[str, frozenset[str]], ModelError] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         validate_options(self.options)
@@ -239,10 +249,26 @@ class Runtime:
         if self.options.verbose:
             print(f"mio: {message}", file=sys.stderr)
 
+    def _once(self, name: str, parts: frozenset[str], load: Callable[[], Any]) -> Any:
+        """`load()`, unless the same component (with no more parts) already failed: then its error again.
+
+        A model problem does not go away between inputs; without this, a run over 20 images would
+        read a corrupt checkpoint 20 times and (to a caller that goes on) report it 20 times.
+        """
+        for (failed, failed_parts), error in self._failures.items():
+            if failed == name and failed_parts <= parts:
+                raise error
+        try:
+            return load()
+        except ModelError as exc:
+            self._failures[(name, parts)] = exc
+            raise
+
     def _timed_load(self, name: str, loader: Any, detail: str = "") -> Any:
         rss_before = memory_in_use()
         start = time.perf_counter()
-        component = loader()
+        with library_stdio():
+            component = loader()
         seconds = time.perf_counter() - start
         parameters = _count_parameters(component)
         record = LoadRecord(name, seconds, memory_in_use() - rss_before, parameters, detail,
@@ -257,37 +283,59 @@ class Runtime:
         return component
 
     # ---- components ------------------------------------------------------------------------
+    def require(self, components: Iterable[str]) -> None:
+        """Check, before any input is read, that the folder holds every component a task needs.
+
+        The cheap folder checks (checkpoint.require_components): missing, truncated or mismatched
+        files and folders that ask to run custom code become one ModelError before any work is
+        done; it is remembered like a failed load.
+        """
+        names = sorted(set(components))
+        self._once("require:" + ",".join(names), frozenset(),
+                   lambda: checkpoint.require_components(self.model_dir, names))
+
     @property
     def tokenizer(self) -> MioTokenizer:
         if "tokenizer" not in self._components:
-            from miocli.tokenizer import MioTokenizer
-
-            checkpoint.require_components(self.model_dir, [checkpoint.LLM])
-            self._components["tokenizer"] = self._timed_load(
-                "tokenizer", lambda: MioTokenizer.from_dir(self.model_dir)
-            )
+            self._components["tokenizer"] = self._once("tokenizer", frozenset(), self._load_tokenizer)
         return self._components["tokenizer"]
+
+    def _load_tokenizer(self) -> MioTokenizer:
+        from miocli.tokenizer import MioTokenizer
+
+        checkpoint.require_components(self.model_dir, [checkpoint.LLM])
+        tokenizer = self._timed_load("tokenizer", lambda: MioTokenizer.from_dir(self.model_dir))
+        require_media_tokens(tokenizer, self.model_dir)
+        return tokenizer
 
     @property
     def llm(self) -> Any:
         if "llm" not in self._components:
-            checkpoint.require_components(self.model_dir, [checkpoint.LLM])
-            quantize = resolve_quantize(self.options.quantize, self.device)
-            self._components["llm"] = self._timed_load(
-                "llm", lambda: load_llm(self.model_dir, self.device, self.dtype, quantize),
-                detail=f"{self.device}, {str(llm_compute_dtype(self.dtype, quantize)).replace('torch.', '')}, "
-                f"quantize={quantize}",
-            )
+            self._components["llm"] = self._once("llm", frozenset(), self._load_llm)
         return self._components["llm"]
+
+    def _load_llm(self) -> Any:
+        checkpoint.require_components(self.model_dir, [checkpoint.LLM])
+        quantize = resolve_quantize(self.options.quantize, self.device)
+        vocabulary = self.tokenizer.vocab_size
+        return self._timed_load(
+            "llm", lambda: load_llm(self.model_dir, self.device, self.dtype, quantize, tokenizer_vocab=vocabulary),
+            detail=f"{self.device}, {str(llm_compute_dtype(self.dtype, quantize)).replace('torch.', '')}, "
+            f"quantize={quantize}",
+        )
 
     def _codec(self, name: str, component: str, parts: frozenset[str], loader: Any) -> Any:
         """Load a codec once with the parts asked for; a later, larger request reloads it."""
         cached = self._components.get(name)
         if cached is not None and parts <= cached[0]:
             return cached[1]
-        checkpoint.require_components(self.model_dir, [component])
         wanted = parts | (cached[0] if cached is not None else frozenset())
-        codec = self._timed_load(name, lambda: loader(wanted), detail="+".join(sorted(wanted)))
+
+        def load() -> Any:
+            checkpoint.require_components(self.model_dir, [component])
+            return self._timed_load(name, lambda: loader(wanted), detail="+".join(sorted(wanted)))
+
+        codec = self._once(name, wanted, load)
         self._components[name] = (wanted, codec)
         return codec
 
@@ -314,9 +362,12 @@ class Runtime:
         if "unclip" not in self._components:
             from miocli.codecs.seed.unclip import UnclipDecoder
 
-            checkpoint.require_components(self.model_dir, [checkpoint.UNCLIP])
-            self._components["unclip"] = self._timed_load("unclip", lambda: UnclipDecoder.load(
-                self.model_dir / "stable-diffusion-2-1-unclip", device=self.device, dtype=self.dtype))
+            def load() -> Any:
+                checkpoint.require_components(self.model_dir, [checkpoint.UNCLIP])
+                return self._timed_load("unclip", lambda: UnclipDecoder.load(
+                    self.model_dir / checkpoint.UNCLIP_FOLDER, device=self.device, dtype=self.dtype))
+
+            self._components["unclip"] = self._once("unclip", frozenset(), load)
         return self._components["unclip"]
 
     def cpu_codec_dtype(self) -> torch.dtype:
@@ -326,6 +377,21 @@ class Runtime:
 
     def loaded(self) -> list[str]:
         return [r.component for r in self.loads]
+
+    def unload(self) -> list[str]:
+        """Drop every loaded component (a long-lived server gone idle); each loads again on its next use."""
+        names = self.loaded()
+        for name in ("llm", "seed", "speech", "unclip", "tokenizer"):
+            self._components.pop(name, None)
+        self.loads.clear()
+        # Files repaired while idle get their chance at the next load.
+        self._failures.clear()
+        import gc
+
+        gc.collect()
+        if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+            sys.modules["torch"].cuda.empty_cache()
+        return names
 
 
 def _count_parameters(component: Any) -> int:
@@ -359,13 +425,181 @@ def _parameter_breakdown(component: Any) -> dict[str, int]:
     return dict(sorted(counts.items(), key=lambda item: -item[1]))
 
 
-def load_llm(model_dir: Path, device: torch.device, dtype: torch.dtype, quantize: str) -> Any:
+class _NoInput(io.TextIOBase):
+    """sys.stdin while a library loads: every read fails at once, so nothing can prompt and wait.
+
+    transformers asks "Do you wish to run the custom code? [y/N]" with input(); mio never wants
+    that question asked (the answer is always no), least of all answered by a pipe meant for mio.
+    """
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1, /) -> str:
+        raise OSError("mio does not let a library read stdin while it loads a model")
+
+    def readline(self, size: int | None = -1, /) -> str:
+        raise OSError("mio does not let a library read stdin while it loads a model")
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("no stdin while a model loads")
+
+    def isatty(self) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def library_stdio() -> Iterator[None]:
+    """While a library loads a model: stdin unreadable, and whatever it prints goes to stderr.
+
+    stdout carries mio's results (--json lines a program parses); a library's notice there would
+    corrupt them. Reentrant; restores both streams however the block ends.
+    """
+    saved_stdin = sys.stdin
+    sys.stdin = _NoInput()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdin = saved_stdin
+
+
+# The tokens the protocol writes and parses (MIO_PROTOCOL §2-§4); a tokenizer without one would fail
+# with a KeyError in the middle of a run.
+def _media_tokens() -> list[str]:
+    return [protocol.BOS, protocol.EOS, protocol.IMAGE_BEGIN, protocol.IMAGE_END, protocol.SPEECH_BEGIN,
+            protocol.SPEECH_END, *(f"<img{i}>" for i in range(protocol.IMAGE_CODEBOOK_SIZE)),
+            *(f"<spch{i}>" for i in range(protocol.SPEECH_CODEBOOK_SIZE * protocol.SPEECH_LAYERS_IN_OUTPUT))]
+
+
+def require_media_tokens(tokenizer: MioTokenizer, model_dir: Path) -> None:
+    """ModelError unless the tokenizer has every token MIO's protocol uses."""
+    missing = []
+    for token in _media_tokens():
+        try:
+            tokenizer.token_to_id(token)
+        except KeyError:
+            missing.append(token)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ModelError(f"the tokenizer in {model_dir} lacks MIO's tokens {shown}",
+                         hint="added_tokens.json / tokenizer_config.json are not MIO's: " + LLM_REDOWNLOAD_HINT)
+
+
+LLM_REDOWNLOAD_HINT = "check the folder with `mio doctor`; re-download damaged or incomplete files (`mio download`)"
+
+
+def llm_config(model_dir: Path) -> Any:
+    """The LLM's transformers config, never with code from the folder."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from transformers import AutoConfig
+
+    try:
+        with warnings.catch_warnings(), library_stdio():
+            warnings.simplefilter("ignore")
+            return AutoConfig.from_pretrained(model_dir, trust_remote_code=False, local_files_only=True)
+    except Exception as exc:  # transformers raises ValueError, OSError, KeyError... for a bad config
+        raise ModelError(f"cannot read the LLM config {model_dir / 'config.json'}: {exc.__class__.__name__}: "
+                         f"{exc}".splitlines()[0], hint=LLM_REDOWNLOAD_HINT) from exc
+
+
+def check_vocabulary(config: Any, tokenizer_vocab: int, model_dir: Path) -> None:
+    """ModelError when the LLM has fewer token rows than the tokenizer has ids (they would index past them)."""
+    vocab_size = getattr(config, "vocab_size", None)
+    if isinstance(vocab_size, int) and vocab_size < tokenizer_vocab:
+        raise ModelError(
+            f"the LLM in {model_dir} has a vocabulary of {vocab_size} (config.json vocab_size) but its tokenizer "
+            f"has {tokenizer_vocab} tokens",
+            hint="the LLM and the tokenizer files come from different models; " + LLM_REDOWNLOAD_HINT,
+        )
+
+
+def _float_dtype(name: str) -> bool:
+    """Whether a safetensors dtype name (F16, BF16, F32, F8_E4M3, ...) is a floating type."""
+    return name.startswith(("F", "BF"))
+
+
+def _llm_tensors(model_dir: Path) -> dict[str, tuple[str, tuple[int, ...], bool]]:
+    """name -> (file, shape, is float) of every tensor in the LLM weight files, without reading weights:
+    safetensors headers, or a memory-mapped weights_only read of .bin files."""
+    files = [n for n in ("model.safetensors", "pytorch_model.bin") if (model_dir / n).is_file()][:1]
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if (model_dir / index_name).is_file():
+            files = sorted(set(json.loads((model_dir / index_name).read_text())["weight_map"].values()))
+            break
+    found: dict[str, tuple[str, tuple[int, ...], bool]] = {}
+    for name in files:
+        path = model_dir / name
+        if path.suffix == ".safetensors":
+            for key, (dtype, shape) in checkpoint.safetensors_tensors(path).items():
+                found[key] = (name, shape, _float_dtype(dtype))
+        else:
+            from miocli.codecs.weights import read_tensor_file
+
+            for key, tensor in read_tensor_file(path, LLM_REDOWNLOAD_HINT).items():
+                found[key] = (name, tuple(tensor.shape), tensor.is_floating_point())
+    return found
+
+
+def llm_weight_problems(model_dir: Path, config: Any) -> list[str]:
+    """What in the LLM weight files does not fit `config`: missing tensors, wrong shapes, non-float data.
+
+    The expected names and shapes come from the model built on the meta device (no memory, ~1 s
+    at 7B), the present ones from the file headers: a 12 GB checkpoint is checked without reading it.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from miocli.codecs.weights import format_keys
+
+    with warnings.catch_warnings(), library_stdio(), torch.device("meta"):
+        warnings.simplefilter("ignore")
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    expected = {key: (tuple(t.shape), t.is_floating_point()) for key, t in model.state_dict().items()}
+    found = _llm_tensors(model_dir)
+    # A tied output head is the embedding: files rightly leave it out.
+    optional = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [key for key in expected if key not in found and key not in optional]
+    wrong = [f"{key} is {found[key][1]} in {found[key][0]}, config.json implies {shape}"
+             for key, (shape, _) in expected.items() if key in found and found[key][1] != shape]
+    not_float = [f"{key} in {found[key][0]}" for key, (_, is_float) in expected.items()
+                 if key in found and is_float and not found[key][2]]
+    problems = [f"missing tensors: {format_keys(missing)}"] if missing else []
+    problems += [f"wrong shapes: {format_keys(wrong)}"] if wrong else []
+    problems += [f"not float tensors: {format_keys(not_float)}"] if not_float else []
+    return problems
+
+
+def check_llm(model_dir: Path) -> None:
+    """Everything a load of the LLM and its tokenizer checks, without loading the weights (`mio doctor`):
+    the tokenizer loads and has MIO's tokens, the config loads without custom code, the vocabulary
+    covers the tokenizer, and the weight files hold every tensor in the config's shapes."""
+    from miocli.tokenizer import MioTokenizer
+
+    with library_stdio():
+        tokenizer = MioTokenizer.from_dir(model_dir)
+    require_media_tokens(tokenizer, model_dir)
+    config = llm_config(model_dir)
+    check_vocabulary(config, tokenizer.vocab_size, model_dir)
+    problems = llm_weight_problems(model_dir, config)
+    if problems:
+        raise ModelError(f"the LLM weights in {model_dir} do not fit its config.json: {'; '.join(problems)}",
+                         hint=LLM_REDOWNLOAD_HINT)
+
+
+def load_llm(model_dir: Path, device: torch.device, dtype: torch.dtype, quantize: str,
+             tokenizer_vocab: int | None = None) -> Any:
+    """The LLM, ready for inference; `tokenizer_vocab` is checked against its vocabulary before and after."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    kwargs: dict[str, Any] = {"local_files_only": True}
+    config = llm_config(model_dir)
+    if tokenizer_vocab is not None:
+        check_vocabulary(config, tokenizer_vocab, model_dir)
+    # Never code from the folder, whatever its config asks (checkpoint refuses such folders first).
+    kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
     if quantize in ("8bit", "4bit"):
         from transformers import BitsAndBytesConfig
 
@@ -378,14 +612,38 @@ def load_llm(model_dir: Path, device: torch.device, dtype: torch.dtype, quantize
         else:
             kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
         dtype = compute
+    # A failed load logs a many-line report ahead of its exception; mio's one error line names the cause.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), library_stdio():
             warnings.simplefilter("ignore")
             model = AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=dtype, device_map={"": str(device)}, **kwargs
+                model_dir, config=config, dtype=dtype, device_map={"": str(device)}, **kwargs
             )
     except Exception as exc:  # truncated or corrupt weight files raise library-specific errors
-        raise ModelError(f"cannot load the LLM from {model_dir}: {exc.__class__.__name__}: {exc}".splitlines()[0],
-                         hint="check the folder with `mio doctor`; re-download incomplete files") from exc
+        raise _llm_load_error(model_dir, config, exc) from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
     model.eval()
+    if tokenizer_vocab is not None:
+        heads = [model.get_input_embeddings(), model.get_output_embeddings()]
+        rows = min(int(head.weight.shape[0]) for head in heads if head is not None)
+        if rows < tokenizer_vocab:
+            raise ModelError(f"the LLM in {model_dir} has {rows} token embeddings but its tokenizer has "
+                             f"{tokenizer_vocab} tokens",
+                             hint="the LLM and the tokenizer files come from different models; " + LLM_REDOWNLOAD_HINT)
     return model
+
+
+def _llm_load_error(model_dir: Path, config: Any, exc: Exception) -> ModelError:
+    """The ModelError for a failed LLM load: what the files lack when the headers show it, else the library's words."""
+    try:
+        problems = llm_weight_problems(model_dir, config)
+    except Exception:  # the diagnosis is a better message only; the load's own error still stands
+        problems = []
+    if problems:
+        return ModelError(f"the LLM weights in {model_dir} do not fit its config.json: {'; '.join(problems)}",
+                          hint=LLM_REDOWNLOAD_HINT)
+    return ModelError(f"cannot load the LLM from {model_dir}: {exc.__class__.__name__}: {exc}".splitlines()[0],
+                      hint=LLM_REDOWNLOAD_HINT)

@@ -9,6 +9,7 @@ names it.
 from __future__ import annotations
 
 import pickle
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ import torch
 
 from miocli.errors import ModelError
 
+# What every hint about a damaged codec file ends with.
+CHECK_HINT = "`mio doctor` checks every component"
 # Some releases wrap the weights: {"model": {...}}, {"state_dict": {...}}, {"module": {...}}.
 _WRAPPERS = ("model", "state_dict", "module")
 _SHOW = 5  # how many offending keys a message lists
@@ -36,17 +39,25 @@ def _first_line(exc: BaseException) -> str:
 def load_checkpoint(path: Path, hint: str) -> Any:
     """`torch.load(weights_only=True)` of `path` onto the CPU, memory-mapped when its format allows."""
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as exc:
-            # Files written with the legacy (pre-1.6, non-zip) serialisation cannot be mapped: read them whole.
-            if "mmap" not in str(exc) and "zipfile" not in str(exc):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+        # torch warns about pickle details of files it then refuses or reads: the error line says it all.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as exc:
+                # Files written with the legacy (pre-1.6, non-zip) serialisation cannot be mapped: read them whole.
+                if "mmap" not in str(exc) and "zipfile" not in str(exc):
+                    raise
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # torch's first line is advice about weights_only=False, which mio never does: say what it refused.
+        detail = _first_line(exc)
+        reason = str(exc).split("WeightsUnpickler error:", 1)
+        if len(reason) == 2 and reason[1].strip():
+            detail = reason[1].strip().splitlines()[0].split(" Please use", 1)[0]
         raise ModelError(
             f"{path} cannot be read as a plain tensor checkpoint (refused by torch.load(weights_only=True): "
-            f"{_first_line(exc)})",
+            f"{detail})",
             hint,
         ) from exc
     except Exception as exc:  # torch.load on garbage fails in many ways (EOFError, IndexError, KeyError, ...)

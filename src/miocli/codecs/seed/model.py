@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import InputError, ModelError
-from ..weights import read_tensor_file
+from ..weights import CHECK_HINT, format_keys, read_tensor_file
 from . import layout
 from .layout import HeadCounts, LayoutError, SeedDims, VitDims
 from .qformer import QFormer
@@ -245,21 +245,62 @@ def read_heads(folder: Path) -> HeadCounts:
 
 
 def _read_state(path: Path) -> dict[str, torch.Tensor]:
-    return read_tensor_file(path, hint=f"{path.name} is corrupt or incomplete: download it again")
+    return read_tensor_file(path, hint=f"{path.name} is corrupt or incomplete: download it again "
+                            f"(`mio download`); {CHECK_HINT}")
 
 
 def _shapes(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in state.items()}
 
 
-def _build(folder: Path, parts: frozenset[str], heads: HeadCounts, device: torch.device,
-           dtype: torch.dtype) -> SeedModel:
+def check_folder(folder: Path, heads: HeadCounts | None = None) -> tuple[SeedDims, frozenset[str]]:
+    """Check `<model dir>/seed-tokenizer-2` as a load would, without building the model.
+
+    Both files are read with weights_only (memory-mapped, so the tensor data is not read) and
+    every key, shape and dtype is checked against the modules the codec builds. Returns the
+    dimensions and the parts the files can serve: the encoder needs the EVA-ViT weights, inside
+    seed_quantizer.pt or in eva_vit_g.pth. Raises ModelError naming the file.
+    """
+    folder = Path(folder)
+    state, dims, parts = _checked_state(folder, None, heads if heads is not None else read_heads(folder))
+    with torch.device("meta"):
+        model = SeedModel(dims, parts)
+    _check_tensors(state, model, folder / QUANTIZER_FILE)
+    return dims, parts
+
+
+def _check_tensors(state: Mapping[str, torch.Tensor], model: SeedModel, path: Path) -> None:
+    """Every tensor the built model takes from `state` is there, of its shape, a float where it is one."""
+    missing: list[str] = []
+    wrong: list[str] = []
+    for key, meta in model.state_dict(keep_vars=True).items():
+        tensor = state.get(key)
+        if tensor is None:
+            missing.append(key)
+        elif tuple(tensor.shape) != tuple(meta.shape):
+            wrong.append(f"{key} {tuple(tensor.shape)} (expected {tuple(meta.shape)})")
+        elif meta.is_floating_point() and not tensor.is_floating_point():
+            wrong.append(f"{key} is {tensor.dtype}, not a float tensor")
+    if missing or wrong:
+        found = [f"missing keys: {format_keys(missing)}"] if missing else []
+        found += [f"wrong tensors: {format_keys(wrong)}"] if wrong else []
+        raise ModelError(f"{path} is not a SEED-Tokenizer-2 checkpoint: {'; '.join(found)}",
+                         hint=f"download seed-tokenizer-2/seed_quantizer.pt again; {CHECK_HINT}")
+
+
+def _checked_state(
+    folder: Path, parts: frozenset[str] | None, heads: HeadCounts
+) -> tuple[dict[str, torch.Tensor], SeedDims, frozenset[str]]:
+    """The checked tensors (ViT included when the encoder is asked for), the dimensions they imply and
+    the parts checked; `parts` None: every part the files hold."""
     quantizer_path = folder / QUANTIZER_FILE
     if not quantizer_path.is_file():
         raise ModelError(f"SEED image tokenizer weights not found: {quantizer_path}", hint=_GET_WEIGHTS_HINT)
     state = _read_state(quantizer_path)
     shapes = _shapes(state)
     vit_inside = any(k.startswith(layout.VIT_PREFIX) for k in state)
+    if parts is None:
+        parts = PARTS if vit_inside or (folder / VIT_FILE).is_file() else frozenset({"decoder"})
 
     vit_state: Mapping[str, torch.Tensor] | None = None
     vit_path = quantizer_path
@@ -282,7 +323,7 @@ def _build(folder: Path, parts: frozenset[str], heads: HeadCounts, device: torch
         layout.check_quantizer(shapes, dims, vit_inside)
     except LayoutError as exc:
         raise ModelError(f"{quantizer_path} is not a SEED-Tokenizer-2 checkpoint: {exc.describe()}",
-                         hint="download seed-tokenizer-2/seed_quantizer.pt again") from exc
+                         hint=f"download seed-tokenizer-2/seed_quantizer.pt again; {CHECK_HINT}") from exc
 
     if vit_state is not None:
         assert vit_dims is not None
@@ -296,11 +337,17 @@ def _build(folder: Path, parts: frozenset[str], heads: HeadCounts, device: torch
             vit_keys = layout.check_vit_file(_shapes(vit_state), vit_dims)
         except LayoutError as exc:
             raise ModelError(f"{vit_path} is not an EVA-ViT-g checkpoint: {exc.describe()}",
-                             hint="download BLIP-2's eva_vit_g.pth again") from exc
+                             hint=f"download BLIP-2's eva_vit_g.pth again; {CHECK_HINT}") from exc
         state = {**state, **{layout.VIT_PREFIX + k: vit_state[k] for k in vit_keys}}
+    return state, dims, parts
 
+
+def _build(folder: Path, parts: frozenset[str], heads: HeadCounts, device: torch.device,
+           dtype: torch.dtype) -> SeedModel:
+    state, dims, _ = _checked_state(folder, parts, heads)
     with torch.device("meta"):
         model = SeedModel(dims, parts)
+    _check_tensors(state, model, folder / QUANTIZER_FILE)
     wanted = model.state_dict(keep_vars=True)
     tensors: dict[str, torch.Tensor] = {}
     for key, meta in wanted.items():

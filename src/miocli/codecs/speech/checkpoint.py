@@ -18,10 +18,12 @@ from torch import nn
 
 from miocli.codecs.speech.config import SpeechConfig
 from miocli.codecs.speech.layers import Codebook, SpeechTokenizerNet
-from miocli.codecs.weights import format_keys, read_tensor_file
+from miocli.codecs.weights import CHECK_HINT, format_keys, read_tensor_file
 from miocli.errors import ModelError
 
-_CKPT_HINT = "re-download the SpeechTokenizer folder of the model (`mio download`)"
+_CKPT_HINT = f"re-download the SpeechTokenizer folder of the model (`mio download`); {CHECK_HINT}"
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "SpeechTokenizer.pt"
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,20 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.stat().st_size == 0:
         raise ModelError(f"SpeechTokenizer weights file is empty (0 bytes): {path}", _CKPT_HINT)
     return read_tensor_file(path, _CKPT_HINT)
+
+
+def read_folder(folder: Path) -> tuple[SpeechConfig, dict[str, torch.Tensor]]:
+    """The config and the strictly checked state dict of `<model dir>/SpeechTokenizer`.
+
+    The weights are memory-mapped, so checking them (what `mio doctor` does) reads keys, shapes
+    and dtypes, not the data. Raises ModelError naming the file.
+    """
+    folder = Path(folder)
+    config = SpeechConfig.from_file(folder / CONFIG_NAME)
+    weights_path = folder / WEIGHTS_NAME
+    state = read_state_dict(weights_path)
+    validate(state, config, weights_path)
+    return config, state
 
 
 def validate(state: Mapping[str, torch.Tensor], config: SpeechConfig, path: Path) -> None:

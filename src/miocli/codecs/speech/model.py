@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from miocli.codecs.speech.checkpoint import build_meta, inference_weights, read_state_dict, validate
+from miocli.codecs.speech.checkpoint import CONFIG_NAME, WEIGHTS_NAME, build_meta, inference_weights, read_folder
 from miocli.codecs.speech.config import SpeechConfig
 from miocli.codecs.speech.layers import SpeechTokenizerNet
 from miocli.errors import InputError
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "SpeechTokenizer.pt"
+__all__ = ["CONFIG_NAME", "WEIGHTS_NAME", "SpeechCodec"]
+
 _PARTS = frozenset({"encoder", "decoder"})
 
 
@@ -51,11 +51,7 @@ class SpeechCodec:
         parts = frozenset(parts)
         if not parts or not parts <= _PARTS:
             raise ValueError(f"parts must be a non-empty subset of {sorted(_PARTS)}, got {sorted(parts)}")
-        folder = Path(folder)
-        config = SpeechConfig.from_file(folder / CONFIG_NAME)
-        weights_path = folder / WEIGHTS_NAME
-        state = read_state_dict(weights_path)
-        validate(state, config, weights_path)
+        config, state = read_folder(Path(folder))
         return cls.from_state_dict(config, state, device=device, dtype=dtype, parts=parts)
 
     @classmethod
