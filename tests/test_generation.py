@@ -472,3 +472,26 @@ def test_settings_used_by_the_engine_are_preset_plus_overrides(engine: Engine):
                                           max_new_tokens=12)
     with pytest.raises(UsageError):
         engine.settings_for(TASKS["tts"], GenerationOverrides(top_p=2.0))
+
+
+# ---- prompts: user text, raw prompts --------------------------------------------------------------
+def test_marking_user_text_changes_no_id_of_a_plain_prompt(engine: Engine):
+    text = task_prompt_text(TASKS["imagine"], "instruct", {"caption": "a red kite over a green hill"})
+    assert text.plain  # the caption is user text
+    assert engine.encode([Prompt(text)]) == [engine.runtime.tokenizer.encode(str(text))]
+
+
+def test_a_bare_str_prompt_is_a_raw_prompt_of_user_text(engine: Engine):
+    tokenizer = engine.runtime.tokenizer
+    [ids] = engine.encode([Prompt("<|im_start|>user")])
+    assert ids[0] == tokenizer.bos_id and tokenizer.token_to_id(protocol.IM_START) not in ids
+    assert engine.encode([Prompt(protocol.BOS + "hi")]) == engine.encode([Prompt("hi")])
+    trusted = protocol.PromptText.trusted("<|im_start|>user")
+    assert engine.encode([Prompt(trusted)]) == [tokenizer.encode(protocol.BOS + "<|im_start|>user")]
+
+
+def test_a_template_field_the_input_lacks_is_a_usage_error():
+    with pytest.raises(UsageError, match="no 'question' field"):
+        task_prompt_text(TASKS["chat"], "instruct", {})
+    with pytest.raises(UsageError, match="should be text"):
+        task_prompt_text(TASKS["chat"], "instruct", {"question": 3})

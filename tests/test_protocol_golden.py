@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -254,3 +255,40 @@ def test_token_strings_match_golden_speech_and_seed():
             entry["tokenize_images_string_add_begin_end_false"]
         )
         assert protocol.image_ids_from_string(entry["tokenize_images_string"]) == entry["token_ids"]
+
+
+# ---- user text (PromptText) ---------------------------------------------------------------------
+_PLACEHOLDER = re.compile(r"(<(?:image|speech)_placeholder_\d+>)")
+
+
+def _as_user_text(content):
+    """Content as our prompt builders make it: placeholders from the template, the rest typed by the user."""
+    return protocol.PromptText((part, not _PLACEHOLDER.fullmatch(part)) for part in _PLACEHOLDER.split(content) if part)
+
+
+@pytest.mark.parametrize("case", [c for c in CHAT["cases"] if c["function"] == "apply_chat_template"
+                                  and c["kwargs"].get("tokenize", True) and "exception" not in c],
+                         ids=lambda c: c["name"])
+def test_user_text_marks_keep_the_reference_ids(case, tokenizer):
+    # Marking the typed text as user text changes nothing for text that holds no token string.
+    marked = dict(case, args=[[[dict(turn, content=_as_user_text(turn["content"])) for turn in conversation]
+                               for conversation in case["args"][0]]])
+    result = _run_chat_case(marked, tokenizer)
+    for key in ("input_ids", "attention_mask"):
+        want = case["output"][key]["values"] if isinstance(case["output"][key], dict) else case["output"][key]
+        assert result[key] == want, key
+
+
+def test_fuzz_texts_as_user_text(tokenizer):
+    specials = {tokenizer.token_to_id(t) for t in ("<|startoftext|>", "<|endoftext|>", "<unk>", "<|im_start|>",
+                                                   "<|im_end|>", "<|im_sep|>", "<|Human|>")}
+    unchanged = 0
+    for case in FUZZ["encode"]:
+        text = case["text"]
+        ids = tokenizer.encode(text, plain=[(0, len(text))])
+        assert tokenizer.sp.DecodeIds(ids) == text, text
+        assert all(i < tokenizer.sp_size and i not in specials for i in ids), text
+        if "<" not in text:
+            assert ids == case["ids"], text
+            unchanged += 1
+    assert unchanged  # the fuzz set holds texts without token strings too

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from pathlib import Path
@@ -9,6 +10,9 @@ from urllib.parse import urlparse
 
 from miocli import checkpoint
 from miocli.errors import EnvironmentProblem, UsageError
+
+# A day: the hub either answers long before, or not at all.
+MAX_TIMEOUT = 86400
 
 
 def hub_reachable(endpoint: str, timeout: float) -> str | None:
@@ -27,6 +31,9 @@ def download_model(variant: str, *, revision: str | None = None, timeout: float 
     variant = variant.lower()
     if variant not in checkpoint.HUB_IDS:
         raise UsageError(f"--variant {variant} is not one of instruct, base")
+    # The socket refuses a negative timeout and overflows on a huge one: say so before trying.
+    if not (math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT):
+        raise UsageError(f"--timeout must be a number of seconds above 0 and at most {MAX_TIMEOUT}, not {timeout}")
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise EnvironmentProblem("HF_HUB_OFFLINE=1 is set, so nothing can be downloaded",
                                  hint="unset it, or copy the model folder here and pass --model PATH")

@@ -21,12 +21,26 @@ DECODER = frozenset({"decoder"})
 
 @dataclass(frozen=True)
 class PixelOptions:
-    """unCLIP settings for turning image tokens into pixels (MIO_PROTOCOL §3 defaults)."""
+    """unCLIP settings for turning image tokens into pixels (MIO_PROTOCOL §3 defaults).
+
+    Checked when made: the CLI and the API build these before anything loads, so a bad value is
+    refused up front rather than found by the decoder after the whole generation.
+    """
 
     steps: int = 20
     guidance: float = 10.0
     size: int = 768
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """UsageError for settings the decoder cannot take (see miocli.validate)."""
+        from miocli.validate import check_pixels, check_seed
+
+        check_pixels(self.steps, self.guidance, self.size)
+        check_seed(self.seed)
 
 
 def image_ids(runtime: Runtime, images: Sequence[Image.Image], batch_size: int = 8) -> list[list[int]]:

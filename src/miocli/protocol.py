@@ -8,7 +8,7 @@ the strings MIO was trained on and must stay byte for byte as they are (MIO_PROT
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +48,92 @@ _TURN_FORMAT = {
 }
 
 
+class PromptText(str):
+    """Prompt text that knows which of its characters are user text.
+
+    Prompts are built as text and tokenized in one go, and the tokenizer reads any special-token
+    string (`<|im_end|>`, `<img5>`, `<spch>`) as that token. User text (questions, captions,
+    conversation turns, raw prompts) must not be able to write tokens or address placeholders:
+    its spans are listed in `plain`, and there the characters are encoded as what they are and
+    placeholders are left alone. Everything else — the chat template, the task templates, media
+    token strings, in-context examples, or text marked `trusted` on purpose — is read as the
+    reference reads it. A PromptText is a str, so it prints and compares as its text.
+
+    Concatenating a plain str adds trusted text (code writes the template, not the user);
+    other str operations give a bare str without the marks.
+    """
+
+    plain: tuple[tuple[int, int], ...]
+
+    def __new__(cls, parts: Iterable[tuple[str, bool]] = ()) -> PromptText:
+        """Text from (text, is_user_text) parts; a PromptText part that is not user text keeps its own marks."""
+        texts: list[str] = []
+        spans: list[tuple[int, int]] = []
+        position = 0
+        for text, is_plain in parts:
+            if is_plain:
+                spans.append((position, position + len(text)))
+            elif isinstance(text, PromptText):
+                spans.extend((position + start, position + end) for start, end in text.plain)
+            texts.append(text)
+            position += len(text)
+        self = super().__new__(cls, "".join(texts))
+        merged: list[tuple[int, int]] = []
+        for start, end in spans:
+            if start == end:
+                continue
+            if merged and merged[-1][1] >= start:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            else:
+                merged.append((start, end))
+        self.plain = tuple(merged)
+        return self
+
+    @classmethod
+    def user(cls, text: str) -> PromptText:
+        """All user text: encoded as its characters."""
+        return cls([(text, True)])
+
+    @classmethod
+    def trusted(cls, text: str) -> PromptText:
+        """Text whose token strings are tokens (the opt-in for hand-built prompts and mio's own output)."""
+        return cls([(text, False)])
+
+    def parts(self) -> list[tuple[str, bool]]:
+        """The text as alternating (text, is_user_text) runs."""
+        result: list[tuple[str, bool]] = []
+        position = 0
+        for start, end in self.plain:
+            if start > position:
+                result.append((self[position:start], False))
+            result.append((self[start:end], True))
+            position = end
+        if position < len(self):
+            result.append((self[position:], False))
+        return result
+
+    def starts_with_trusted(self, prefix: str) -> bool:
+        """True when the text starts with `prefix` written by the template, not typed by the user."""
+        return self.startswith(prefix) and not (self.plain and self.plain[0][0] < len(prefix))
+
+    def __add__(self, other: str) -> PromptText:  # type: ignore[override]
+        if not isinstance(other, str):
+            return NotImplemented
+        return PromptText([(self, False), (other, False)])
+
+    def __radd__(self, other: str) -> PromptText:
+        if not isinstance(other, str):
+            return NotImplemented
+        return PromptText([(other, False), (self, False)])
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # str's own pickling would rebuild from the bare text and lose the marks.
+        return (PromptText, (self.parts(),))
+
+    def __repr__(self) -> str:
+        return f"PromptText({self.parts()!r})"
+
+
 def image_placeholder(index: int) -> str:
     return f"<image_placeholder_{index}>"
 
@@ -74,7 +160,7 @@ def apply_chat_template(
             f"Unknown mode: {mode}, must choose from ['std', 'voice'].\n"
             f"The std system is: {STD_SYSTEM}\nThe voice system is: {VOICE_SYSTEM}"
         )
-    prompts = []
+    prompts: list[str] = []
     for conversation in conversations:
         if mode == "custom":
             if not conversation or conversation[0]["role"] != "system":
@@ -82,22 +168,43 @@ def apply_chat_template(
             system = conversation[0]["content"]
         else:
             system = STD_SYSTEM if mode == "std" else VOICE_SYSTEM
-        parts = [_TURN_FORMAT["system"].format(system)]
+        parts = [_turn("system", system)]
         for turn in conversation:
             role = turn["role"]
             if role == "system":
                 continue
             if role not in ("user", "assistant"):
                 raise ValueError(f"Unknown role: {role}")
-            parts.append(_TURN_FORMAT[role].format(turn["content"]))
-        text = "".join(part + TURN_SEPARATOR for part in parts)
-        text = text + ASSISTANT_STARTER if add_generation_prompt else text[: -len(TURN_SEPARATOR)]
-        prompts.append((BOS if add_bos else "") + text)
+            parts.append(_turn(role, turn["content"]))
+        pieces = [BOS] if add_bos else []
+        for part in parts:
+            pieces += [part, TURN_SEPARATOR]
+        if add_generation_prompt:
+            pieces.append(ASSISTANT_STARTER)
+        else:
+            pieces.pop()
+        # Contents given as PromptText keep their user-text marks; plain contents give the reference's plain str.
+        if any(isinstance(piece, PromptText) for piece in pieces):
+            prompts.append(PromptText([(piece, False) for piece in pieces]))
+        else:
+            prompts.append("".join(pieces))
     return prompts
 
 
+def _turn(role: str, content: Any) -> str:
+    if isinstance(content, PromptText):
+        return PromptText([(f"{IM_START}{role}\n", False), (content, False), (IM_END, False)])
+    return _TURN_FORMAT[role].format(content)
+
+
 def fill_placeholders(text: str, image_strings: Sequence[str] = (), speech_strings: Sequence[str] = ()) -> str:
-    """Replace every `<image_placeholder_j>` / `<speech_placeholder_j>` by the j-th token string."""
+    """Replace every `<image_placeholder_j>` / `<speech_placeholder_j>` by the j-th token string.
+
+    In a PromptText only the trusted text is filled: a placeholder typed by the user stays text.
+    """
+    if isinstance(text, PromptText):
+        return PromptText([(part if is_plain else fill_placeholders(part, image_strings, speech_strings), is_plain)
+                           for part, is_plain in text.parts()])
     for j, token_string in enumerate(image_strings):
         text = text.replace(image_placeholder(j), token_string)
     for j, token_string in enumerate(speech_strings):
@@ -116,8 +223,11 @@ def encode_prompts(
     truncation: bool = False,
     max_length: int | None = None,
 ) -> dict[str, list[list[int]]]:
-    """Token ids of prompts with their media filled in, left-padded like the reference."""
-    filled = []
+    """Token ids of prompts with their media filled in, left-padded like the reference.
+
+    A PromptText's user text is encoded as its characters (see PromptText); a bare str as the reference does.
+    """
+    filled: list[str] = []
     for i, text in enumerate(texts):
         images: Sequence[str] = ()
         if batch_image_strings is not None:
@@ -127,10 +237,13 @@ def encode_prompts(
             images[0]  # noqa: B018
         speeches = batch_speech_strings[i] if batch_speech_strings is not None else ()
         text = fill_placeholders(text, images, speeches)
-        if add_bos and not text.startswith(BOS):
+        # A BOS string the user typed is text, not the BOS.
+        has_bos = text.starts_with_trusted(BOS) if isinstance(text, PromptText) else text.startswith(BOS)
+        if add_bos and not has_bos:
             text = BOS + text
         filled.append(text)
-    return tokenizer(filled, padding=padding, truncation=truncation, max_length=max_length)
+    plain = [text.plain if isinstance(text, PromptText) else () for text in filled]
+    return tokenizer(filled, padding=padding, truncation=truncation, max_length=max_length, plain=plain)
 
 
 # ---- token strings ---------------------------------------------------------------------------

@@ -10,7 +10,9 @@ path (`--print-prompt` needs no model library at all).
 
 from __future__ import annotations
 
+import functools
 import json
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,36 @@ class _Trie:
             pieces.append(text[start:])
         return pieces
 
+    def ends_at(self, text: str, i: int, n: int) -> list[int]:
+        """Ends of the words that start at text[i] and end by n, shortest first."""
+        node = self.root
+        ends: list[int] = []
+        j = i
+        while j < n and text[j] in node:
+            node = node[text[j]]
+            j += 1
+            if "" in node:
+                ends.append(j)
+        return ends
+
+    def split_spans(self, text: str, keep: Callable[[int, int], bool]) -> list[tuple[int, int, bool]]:
+        """`split` as (start, end, is_word) spans, taking only the words that `keep(start, end)` accepts."""
+        spans: list[tuple[int, int, bool]] = []
+        start = i = 0
+        n = len(text)
+        while i < n:
+            ends = [end for end in self.ends_at(text, i, n) if keep(i, end)]
+            if not ends:
+                i += 1
+                continue
+            if i > start:
+                spans.append((start, i, False))
+            spans.append((i, ends[-1], True))
+            start = i = ends[-1]
+        if start < n:
+            spans.append((start, n, False))
+        return spans
+
 
 class MioTokenizer:
     """Encode and decode exactly like MIO's reference tokenizer (slow LlamaTokenizer, legacy)."""
@@ -93,7 +125,7 @@ class MioTokenizer:
         import sentencepiece
 
         self.sp = sentencepiece.SentencePieceProcessor()
-        self.sp.Load(str(sp_model_path))
+        _load_sentencepiece(self.sp, Path(sp_model_path))
         self.bos_token, self.eos_token, self.unk_token = bos_token, eos_token, unk_token
         self.pad_token = pad_token or unk_token
         self.add_prefix_space = add_prefix_space
@@ -142,11 +174,16 @@ class MioTokenizer:
 
         added: dict[int, AddedToken] = {}
         if (folder / "added_tokens.json").is_file():
-            for content, token_id in _read_json(folder / "added_tokens.json").items():
-                added[int(token_id)] = AddedToken(content, int(token_id))
-        for token_id, spec in (config.get("added_tokens_decoder") or {}).items():
-            if isinstance(spec, dict) and "content" in spec:
-                added[int(token_id)] = AddedToken(
+            added_path = folder / "added_tokens.json"
+            for content, token_id in _read_json(added_path).items():
+                added[_token_id(token_id, added_path)] = AddedToken(content, _token_id(token_id, added_path))
+        decoder = config.get("added_tokens_decoder") or {}
+        if not isinstance(decoder, dict):
+            raise ModelError(f"{folder / 'tokenizer_config.json'}: added_tokens_decoder is not a JSON object",
+                             hint=_REDOWNLOAD_HINT)
+        for token_id, spec in decoder.items():
+            if isinstance(spec, dict) and isinstance(spec.get("content"), str):
+                added[_token_id(token_id, folder / "tokenizer_config.json")] = AddedToken(
                     spec["content"],
                     int(token_id),
                     special=bool(spec.get("special", False)),
@@ -196,8 +233,16 @@ class MioTokenizer:
         return self.token_to_id(self.pad_token)
 
     # ---- encoding ------------------------------------------------------------------------
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text` (no BOS added: the prompt builder writes BOS as text)."""
+    def encode(self, text: str, *, plain: Sequence[tuple[int, int]] = ()) -> list[int]:
+        """Token ids of `text` (no BOS added: the prompt builder writes BOS as text).
+
+        `plain` lists (start, end) spans of user text: their characters are encoded as what they
+        are, so a special-token string typed by a user (`<|im_end|>`, `<img5>`) gives the ids of
+        its characters, never the token it names. Text without such spans encodes exactly as the
+        reference does, and so does user text that holds no token string.
+        """
+        if plain:
+            return self._encode_marked(text, plain)
         chunks = self._trie.split(text)
         # Added tokens may eat the whitespace beside them (lstrip/rstrip flags of the files).
         for i, chunk in enumerate(chunks):
@@ -219,6 +264,90 @@ class MioTokenizer:
                 ids.extend(self.sp.EncodeAsIds(chunk))
         return ids
 
+    def _encode_marked(self, text: str, plain: Sequence[tuple[int, int]]) -> list[int]:
+        mask = bytearray(len(text))
+        for start, end in plain:
+            start, end = max(start, 0), min(end, len(text))
+            mask[start:end] = b"\x01" * max(end - start, 0)
+        # Added tokens are taken only where the template wrote them; in user text they stay inside
+        # the surrounding text, which sentencepiece then reads as characters.
+        pieces = self._trie.split_spans(text, lambda start, end: mask.find(1, start, end) < 0)
+        bounds = [[start, end] for start, end, _ in pieces]
+        # Added tokens may eat the whitespace beside them (lstrip/rstrip flags of the files), as in `encode`.
+        for i, (start, end, is_token) in enumerate(pieces):
+            if not is_token:
+                continue
+            token = self._added_by_content[text[start:end]]
+            if token.rstrip and i + 1 < len(pieces) and not pieces[i + 1][2]:
+                after = bounds[i + 1]
+                while after[0] < after[1] and text[after[0]].isspace():
+                    after[0] += 1
+            if token.lstrip and i > 0 and not pieces[i - 1][2]:
+                before = bounds[i - 1]
+                while before[1] > before[0] and text[before[1] - 1].isspace():
+                    before[1] -= 1
+        ids: list[int] = []
+        for (start, end, is_token), (chunk_start, chunk_end) in zip(pieces, bounds):
+            if is_token:
+                ids.append(self._added_by_content[text[start:end]].id)
+            elif chunk_start < chunk_end:
+                ids.extend(self._encode_chunk(text, chunk_start, chunk_end, mask))
+        return ids
+
+    def _encode_chunk(self, text: str, start: int, end: int, mask: bytearray) -> list[int]:
+        """Sentencepiece ids of text[start:end], never reading a user-defined piece out of user text.
+
+        Sentencepiece itself reads its user-defined pieces anywhere in the text (`<|im_start|>` and
+        `<|im_end|>` are such pieces in Yi's vocabulary). Where one would be read from user text, the
+        text is cut after the piece's first character, so the characters on either side are text.
+        """
+        if mask.find(1, start, end) < 0 or self._user_defined is None:
+            return self.sp.EncodeAsIds(text[start:end])
+        ids: list[int] = []
+        position = start
+        while position < end:
+            cut = self._first_forged_piece(text, position, end, mask)
+            stop = end if cut is None else cut + 1
+            segment = text[position:stop]
+            ids.extend(self.sp.EncodeAsIds(segment) if position == start else self._encode_continuation(segment))
+            position = stop
+        return ids
+
+    def _first_forged_piece(self, text: str, start: int, end: int, mask: bytearray) -> int | None:
+        """Where sentencepiece would first read a user-defined piece touching user text in text[start:end]."""
+        pieces = self._user_defined
+        assert pieces is not None
+        i = start
+        while i < end:
+            ends = pieces.ends_at(text, i, end)
+            if not ends:
+                i += 1
+            elif mask.find(1, i, ends[-1]) >= 0:
+                return i
+            else:
+                i = ends[-1]
+        return None
+
+    def _encode_continuation(self, text: str) -> list[int]:
+        """Ids of text that continues a chunk: without the dummy prefix sentencepiece puts at a chunk's start."""
+        if not self._adds_dummy_prefix:
+            return self.sp.EncodeAsIds(text)
+        # The non-legacy Llama tokenizer's way: encode behind the unk string, which is read as
+        # characters, and drop the ids of that string.
+        lead = len(self.sp.EncodeAsIds(self.unk_token))
+        return self.sp.EncodeAsIds(self.unk_token + text)[lead:]
+
+    @functools.cached_property
+    def _adds_dummy_prefix(self) -> bool:
+        pieces = self.sp.EncodeAsPieces("a")
+        return bool(pieces) and pieces[0].startswith(SPIECE_UNDERLINE)
+
+    @functools.cached_property
+    def _user_defined(self) -> _Trie | None:
+        """Sentencepiece's user-defined pieces of more than one character (a single one is its own text)."""
+        words = [piece for piece in _user_defined_pieces(self.sp.serialized_model_proto()) if len(piece) > 1]
+        return _Trie(words) if words else None
+
     def __call__(
         self,
         texts: list[str],
@@ -226,9 +355,14 @@ class MioTokenizer:
         padding: bool = False,
         truncation: bool = False,
         max_length: int | None = None,
+        plain: Sequence[Sequence[tuple[int, int]]] | None = None,
     ) -> dict[str, list[list[int]]]:
-        """Batch encode like the reference: right truncation, left padding with the pad id."""
-        rows = [self.encode(text) for text in texts]
+        """Batch encode like the reference: right truncation, left padding with the pad id.
+
+        `plain` gives each text's user-text spans (see `encode`).
+        """
+        spans = plain if plain is not None else [()] * len(texts)
+        rows = [self.encode(text, plain=row_plain) for text, row_plain in zip(texts, spans)]
         if truncation:
             limit = max_length if max_length is not None else self.model_max_length
             rows = [row[:limit] for row in rows]
@@ -290,6 +424,91 @@ class MioTokenizer:
 
     def batch_decode(self, rows: list[list[int]]) -> list[str]:
         return [self.decode(row) for row in rows]
+
+
+_REDOWNLOAD_HINT = "re-download the model files (`mio download`); `mio doctor` checks every component"
+
+
+def _load_sentencepiece(processor: Any, path: Path) -> None:
+    """Load tokenizer.model into `processor`; a damaged file is a ModelError naming it, not a RuntimeError."""
+    try:
+        processor.Load(str(path))
+    except (RuntimeError, OSError, ValueError) as exc:  # sentencepiece reports a bad proto as RuntimeError
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ModelError(f"{path} is not a sentencepiece model, it is corrupt or incomplete ({reason})",
+                         hint=_REDOWNLOAD_HINT) from exc
+    if processor.GetPieceSize() == 0:
+        raise ModelError(f"{path} holds an empty sentencepiece vocabulary", hint=_REDOWNLOAD_HINT)
+
+
+def _token_id(value: Any, path: Path) -> int:
+    """An added token's id as the files give it (an int, or a str key of added_tokens_decoder)."""
+    try:
+        token_id = int(value)
+    except (TypeError, ValueError):
+        token_id = -1
+    if token_id < 0 or isinstance(value, bool | float):
+        raise ModelError(f"{path} gives a token the id {value!r}, not a non-negative integer", hint=_REDOWNLOAD_HINT)
+    return token_id
+
+
+def _user_defined_pieces(model: bytes) -> list[str]:
+    """The USER_DEFINED pieces of a serialized sentencepiece ModelProto.
+
+    sentencepiece's Python API tells control and byte pieces apart but not these, and its proto
+    module needs the protobuf package, which miocli does not depend on: the protobuf wire format
+    is read directly. ModelProto field 1 holds the pieces; in each, field 1 is the text and
+    field 3 the type (4 = USER_DEFINED).
+    """
+    found: list[str] = []
+    for number, value in _proto_fields(model):
+        # Every USER_DEFINED piece holds the bytes of "field 3 = 4"; most others do not.
+        if number != 1 or not isinstance(value, bytes) or b"\x18\x04" not in value:
+            continue
+        piece, kind = None, 1
+        for sub_number, sub_value in _proto_fields(value):
+            if sub_number == 1 and isinstance(sub_value, bytes):
+                piece = sub_value.decode("utf-8", "replace")
+            elif sub_number == 3 and isinstance(sub_value, int):
+                kind = sub_value
+        if kind == 4 and piece:
+            found.append(piece)
+    return found
+
+
+def _proto_fields(data: bytes) -> Iterator[tuple[int, int | bytes | None]]:
+    """(field number, value) of a protobuf message: ints for varints, bytes for length-delimited, None for fixed."""
+    position = 0
+    while position < len(data):
+        key, position = _varint(data, position)
+        wire = key & 7
+        value: int | bytes | None = None
+        if wire == 0:
+            value, position = _varint(data, position)
+        elif wire == 2:
+            length, position = _varint(data, position)
+            value = data[position : position + length]
+            position += length
+        elif wire == 1:
+            position += 8
+        elif wire == 5:
+            position += 4
+        else:
+            raise ModelError("tokenizer.model is not a sentencepiece model", hint="re-download the model files")
+        yield key >> 3, value
+
+
+def _varint(data: bytes, position: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if position >= len(data):
+            raise ModelError("tokenizer.model is not a sentencepiece model", hint="re-download the model files")
+        byte = data[position]
+        position += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, position
+        shift += 7
 
 
 def _read_json(path: Path) -> dict[str, Any]:
