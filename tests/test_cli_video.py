@@ -25,7 +25,8 @@ FAST = ["--device", "cpu", "--seed", "0"]
 PIXELS = ["--steps", "2", "--size", "64"]
 
 
-def write_video(path: Path, colours: list[tuple[int, int, int]], frames_per_scene: int = FPS) -> Path:
+def write_video(path: Path, colours: list[tuple[int, int, int]], frames_per_scene: int = 2 * FPS) -> Path:
+    """Scenes of two seconds: longer than PySceneDetect's (and the reference's) 15-frame minimum."""
     rng = np.random.default_rng(0)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), FPS, SIZE)
     for colour in colours:
@@ -72,9 +73,9 @@ def test_keyframes_writes_frames_and_index_in_order(clips, tmp_path):
     assert done.returncode == 0, done.stderr
     entries = json.loads((out / "keyframes.json").read_text())
     assert [e["scene"] for e in entries] == [0, 1, 2]
-    # One frame from the middle of each one-second scene.
-    assert [e["frame_index"] for e in entries] == [4, 14, 24]
-    assert [e["time_s"] for e in entries] == pytest.approx([0.4, 1.4, 2.4], abs=0.05)
+    # The reference's frame of each two-second scene: start + max(1, end - start) // 2.
+    assert [e["frame_index"] for e in entries] == [10, 30, 50]
+    assert [e["time_s"] for e in entries] == pytest.approx([1.0, 3.0, 5.0], abs=0.05)
     for entry, colour in zip(entries, SCENES):
         assert set(entry) >= {"file", "frame_index", "time_s", "scene"}
         pixels = np.asarray(Image.open(out / entry["file"]), dtype=float).reshape(-1, 3).mean(axis=0)

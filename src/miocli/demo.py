@@ -21,7 +21,7 @@ def _fresh_folder(requested: Path | None) -> Path:
 
 
 def _demo_video(folder: Path) -> Path:
-    """Three one-second solid-colour scenes with a little noise: two cuts to find."""
+    """Three two-second solid-colour scenes with a little noise: two cuts to find."""
     import cv2
     import numpy as np
 
@@ -30,7 +30,7 @@ def _demo_video(folder: Path) -> Path:
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10.0, (128, 96))
     try:
         for colour in [(120, 20, 20), (30, 230, 230), (20, 20, 140)]:
-            for _ in range(10):
+            for _ in range(20):  # two seconds: longer than the 15-frame minimum scene
                 frame = np.full((96, 128, 3), colour, np.int16) + rng.normal(0, 3, (96, 128, 3))
                 writer.write(np.clip(frame, 0, 255).astype(np.uint8))
     finally:

@@ -103,6 +103,18 @@ def test_text_renamed_wav(tmp_path: Path) -> None:
     assert "corrupt or not audio" in (info.value.hint or "")
 
 
+def test_undecodable_mp3(tmp_path: Path) -> None:
+    good = tmp_path / "tone.mp3"
+    sf.write(good, _tone(440, 1.0, 16000), 16000, format="MP3")
+    path = tmp_path / "garbled.mp3"
+    path.write_bytes(good.read_bytes()[:200] + np.random.default_rng(0).integers(0, 256, 3000, np.uint8).tobytes())
+    with pytest.raises(InputError, match="cannot read .* as audio") as info:
+        read_audio(path)
+    # libsndfile's own words here ("does not exist ... possibly a pipe?") point the user elsewhere.
+    assert "pipe" not in info.value.message and "exist" not in info.value.message
+    assert str(path) in info.value.message
+
+
 def test_wav_cut_inside_header(tmp_path: Path) -> None:
     full = tmp_path / "full.wav"
     sf.write(full, _tone(440, 0.5, 16000), 16000)

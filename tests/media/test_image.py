@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 import subprocess
 import sys
+import warnings
 import zlib
 from pathlib import Path
 
@@ -98,6 +99,18 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     out = load_image(tmp_path / "r.jpg")
     assert out.size == (20, 40)
     assert out.getpixel((10, 5))[0] > 200 and out.getpixel((10, 35))[0] < 50
+
+
+def test_corrupt_exif_loads_without_warnings(tmp_path: Path) -> None:
+    # One orientation entry whose bytes are cut short: PIL warns "Corrupt EXIF data" on stderr,
+    # which the user can do nothing about; the picture itself is fine.
+    tiff = b"II*\x00" + struct.pack("<IH", 8, 3) + struct.pack("<HHII", 0x0112, 3, 1, 6) + b"\x01\x02"
+    Image.new("RGB", (40, 20), (200, 0, 0)).save(tmp_path / "odd.jpg", exif=b"Exif\x00\x00" + tiff)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = load_image(tmp_path / "odd.jpg")
+    assert caught == []
+    assert out.mode == "RGB" and out.getpixel((5, 5))[0] > 150
 
 
 # ---------------------------------------------------------------- files that are not usable images

@@ -13,6 +13,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from miocli import quiet
 from miocli.errors import InputError, UsageError
 
 SAMPLE_RATE = 16000
@@ -72,13 +73,14 @@ def audio_from_array(samples: np.ndarray, rate: int, name: str, sample_rate: int
 
 def _decode(source: Path | io.BytesIO, name: str, sample_rate: int) -> np.ndarray:
     try:
-        with sf.SoundFile(source) as f:
+        # libsndfile's mp3 decoder (mpg123) prints "Illegal Audio-MPEG-Header" notes on stderr.
+        with quiet.silenced(), sf.SoundFile(source) as f:
             rate = f.samplerate
             _check_not_truncated(f.extra_info, name)
             data = f.read(dtype="float32", always_2d=True)
     except sf.LibsndfileError as exc:
         raise InputError(
-            f"cannot read {name} as audio ({exc.error_string})",
+            f"cannot read {name} as audio ({_reason(exc)})",
             f"the file is corrupt or not audio; give a {READABLE} file",
             source=name,
         ) from exc
@@ -87,6 +89,15 @@ def _decode(source: Path | io.BytesIO, name: str, sample_rate: int) -> np.ndarra
     if data.shape[0] == 0:
         raise InputError(f"audio file has no samples: {name}", "record or export some sound into it", source=name)
     return _to_mono(data, rate, name, sample_rate)
+
+
+def _reason(exc: sf.LibsndfileError) -> str:
+    """libsndfile's words for why it failed, unless they point the user the wrong way."""
+    # It says "File does not exist or is not a regular file (possibly a pipe?)" for an mp3 whose
+    # frames do not decode; the file exists (checked before) and is no pipe.
+    if "possibly a pipe" in exc.error_string:
+        return "its data does not decode"
+    return str(exc.error_string)
 
 
 def _to_mono(data: np.ndarray, rate: int, name: str, sample_rate: int) -> np.ndarray:

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .. import quiet
 from ..errors import InputError
 
 SIZE = 224
@@ -48,12 +49,15 @@ def image_from_bytes(data: bytes, name: str) -> Image.Image:
 
 def image_from_pil(image: Image.Image, name: str) -> Image.Image:
     """A PIL image given in memory, made upright 8-bit RGB like a loaded file."""
-    return _to_rgb(_upright(image), name)
+    with quiet.silenced():
+        return _to_rgb(_upright(image), name)
 
 
 def _decode(source: Path | io.BytesIO, src: str) -> Image.Image:
     try:
-        with warnings.catch_warnings():
+        # PIL warns on stderr about odd files (corrupt EXIF data); silenced() ignores warnings,
+        # but the bomb filter set inside it is newer and still wins.
+        with quiet.silenced(), warnings.catch_warnings():
             # PIL only warns between 1x and 2x its pixel limit; refuse those too rather than
             # decode hundreds of megapixels for a 224x224 input
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -75,7 +79,8 @@ def _decode(source: Path | io.BytesIO, src: str) -> Image.Image:
         # PIL reports truncated or broken data as OSError (and a few plugins as the others)
         raise InputError(f"{src} is corrupt or truncated ({exc})",
                          hint="re-export or re-download the image", source=src) from exc
-    return _to_rgb(image, src)
+    with quiet.silenced():
+        return _to_rgb(image, src)
 
 
 def _upright(image: Image.Image) -> Image.Image:

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from miocli import quiet
 from miocli.errors import EnvironmentProblem, ModelError, UsageError
 
 if TYPE_CHECKING:
@@ -82,7 +83,9 @@ class UnclipDecoder:
         folder = Path(folder)
         torch_device, dtype = _resolve_device(device, dtype)
         variants = _check_layout(folder)
-        with quiet_libraries():
+        # quiet.silenced: diffusers logs "An error occurred while trying to fetch ..." at error level
+        # when a part has no safetensors weights, then loads its .bin weights fine.
+        with quiet_libraries(), quiet.silenced():
             parts = _load_parts(folder, variants, dtype)
             pipeline = _pipeline_class()(feature_extractor=None, image_encoder=None, **parts)
             pipeline.set_progress_bar_config(disable=True)
@@ -164,7 +167,7 @@ class UnclipDecoder:
         try:
             # Always in inference mode: a decode inside generate()'s streaming callback is, and the
             # pipeline's image normalizer keeps the kind of tensor it first saw.
-            with quiet_libraries(), torch.inference_mode():
+            with quiet_libraries(), quiet.silenced(), torch.inference_mode():
                 out = pipe(
                     # One empty prompt per row: the text batch must match the embedding batch.
                     prompt=[""] * batch,
@@ -178,7 +181,13 @@ class UnclipDecoder:
                     output_type="pil",
                     **kwargs,
                 )
-        except torch.cuda.OutOfMemoryError as exc:
+        except (RuntimeError, MemoryError) as exc:
+            # CUDA raises OutOfMemoryError; on CPU torch's allocator raises a RuntimeError ("can't allocate
+            # memory") and Python a MemoryError. All get the same advice; other errors are not ours to explain.
+            message = str(exc)
+            if not (isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError)) or "can't allocate memory" in message
+                    or "not enough memory" in message):
+                raise
             raise EnvironmentProblem(
                 f"out of memory decoding {batch} image(s) of {size}x{size} on {self.device}",
                 hint="decode fewer images at once or a smaller --size",
