@@ -185,9 +185,11 @@ def test_many_image_segments_are_decoded_and_written_in_bounded_batches(tiny_mod
     from miocli.detokenize import run_detokenize
 
     count = 2 * stream.DECODE_BATCH + 3
-    assert run_detokenize(mio, tokens * count, str(tmp_path / "img.png"), embeddings_only=False, overwrite=False,
-                          seed=0, steps=2, guidance=10.0, size=64) == 0
-    assert sizes == [stream.DECODE_BATCH, stream.DECODE_BATCH, 3]
+    written = run_detokenize(mio, tokens * count, str(tmp_path / "img.png"), embeddings_only=False, overwrite=False,
+                             seed=0, steps=2, guidance=10.0, size=64)
+    assert len(written) == count
+    # One picture per unCLIP call (bit-exact whatever the batch), handed over DECODE_BATCH at a time.
+    assert sizes == [1] * count
     assert len(list(tmp_path.glob("img*.png"))) == count
 
 
@@ -290,3 +292,24 @@ def test_parts_left_by_a_killed_run_are_cleaned(tiny_model, pictures, tmp_path):
                    "--skip-existing")
     assert done.returncode == 0, done.stderr
     assert not any(path.exists() for path in leftovers) and keep.read_text() == "mine"
+
+
+def test_tokenize_and_detokenize_take_many_inputs(tiny_model, pictures, tmp_path):
+    done = run_mio("tokenize", str(pictures / "p00.png"), str(pictures / "p01.png"), str(tmp_path / "gone.png"),
+                   "--model", str(tiny_model), "--json")
+    assert done.returncode == 1 and "gone.png" in done.stderr
+    records = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [("tokens" in r, "error" in r) for r in records] == [(True, False), (True, False), (False, True)]
+    files = []
+    for number, record in enumerate(records[:2]):
+        path = tmp_path / f"t{number}.txt"
+        path.write_text(record["tokens"])
+        files.append(str(path))
+    out = tmp_path / "decoded"
+    back = run_mio("detokenize", *files, records[0]["tokens"], "-o", str(out), "--model", str(tiny_model), *PIXELS,
+                   "--seed", "0", "--json")
+    assert back.returncode == 0, back.stderr
+    assert [json.loads(line)["files"] for line in back.stdout.splitlines()] == [
+        [str(out / "t0.png")], [str(out / "t1.png")], [str(out / "003.png")]]
+    assert (out / "t0.png").read_bytes() == (out / "003.png").read_bytes()
+    assert run_mio("detokenize", *files, "-o", str(tmp_path / "x.png"), "--model", str(tiny_model)).returncode == 2

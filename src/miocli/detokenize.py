@@ -21,7 +21,8 @@ AUDIO_FORMATS = {".wav": "wav", ".flac": "flac"}
 
 
 def run_detokenize(mio: Any, text: str, output: str, *, embeddings_only: bool, overwrite: bool, seed: int | None,
-                   steps: int, guidance: float, size: int) -> int:
+                   steps: int, guidance: float, size: int) -> list[str]:
+    """Decode one token text into `output` (and NAME-2, … for more segments); returns what was written."""
     parsed = protocol.parse_output(text, extract=False)
     for problem in parsed.problems:
         print(f"mio: warning: malformed {problem.kind} segment: {problem.reason}", file=sys.stderr)
@@ -31,8 +32,7 @@ def run_detokenize(mio: Any, text: str, output: str, *, embeddings_only: bool, o
         _format(output, {".npy": "npy"}, "the embeddings", ".npy")
         [result] = mio.stream("detokenize", [Item("tokens", {"tokens": text})], embeddings_only=True, seed=seed)
         result.raise_for_error()
-        write_single_file(output, lambda handle: _save_npy(handle, result.embeddings), overwrite=overwrite)
-        return 0
+        return [write_single_file(output, lambda handle: _save_npy(handle, result.embeddings), overwrite=overwrite)]
     segments = [s.raw for s in parsed.images] or [s.raw for s in parsed.speeches]
     if parsed.images:
         fmt = _format(output, IMAGE_FORMATS, "an image", ", ".join(IMAGE_FORMATS))
@@ -45,20 +45,26 @@ def run_detokenize(mio: Any, text: str, output: str, *, embeddings_only: bool, o
             if name != "-" and Path(name).exists() and not writes_in_place(Path(name)):
                 raise InputError(f"{name} already exists", hint="pass --overwrite to replace it")
     items = (Item(f"segment {n + 1}", {"tokens": raw}) for n, raw in enumerate(segments))
+    written: list[str] = []
     for result, name in zip(mio.stream("detokenize", items, seed=seed, steps=steps, guidance=guidance, size=size),
                             names):
         result.raise_for_error()
         if result.images:
             image = result.images[0]
-            written = write_single_file(name, lambda handle, image=image: image.save(handle, format=fmt),
-                                        overwrite=overwrite)
+            written.append(write_single_file(name, lambda handle, image=image: image.save(handle, format=fmt),
+                                             overwrite=overwrite))
         else:
             data = result.audio[0].to_bytes(fmt)
-            written = write_single_file(name, lambda handle, data=data: handle.write(data), overwrite=overwrite)
-        # A path on stdout would corrupt bytes written to a stream that may be stdout itself.
-        if written != "-" and not writes_in_place(Path(written)):
-            print(written, flush=True)
-    return 0
+            written.append(write_single_file(name, lambda handle, data=data: handle.write(data), overwrite=overwrite))
+    return written
+
+
+def default_suffix(text: str, embeddings_only: bool) -> str:
+    """The file type of one input's output in a folder: .png for images, .wav for speech, .npy for embeddings."""
+    parsed = protocol.parse_output(text, extract=False)
+    if parsed.images:
+        return ".npy" if embeddings_only else ".png"
+    return ".wav"
 
 
 def _format(output: str, formats: dict[str, str], what: str, choices: str) -> str:

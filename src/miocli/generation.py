@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -24,6 +25,10 @@ class GenerationSettings:
     top_p: float | None = None
     max_new_tokens: int = 512
     length_penalty: float = 1.0
+    # How finished beams are length-normalised: "answer" (transformers >= 4.35: by the answer's length)
+    # or "reference" (the reference's pinned 4.34: by prompt + padding + answer, which favours shorter
+    # answers; the paper's numbers were made that way).
+    beam_scoring: str = "answer"
 
 
 PRESETS: dict[str, GenerationSettings] = {
@@ -41,6 +46,9 @@ PRESETS: dict[str, GenerationSettings] = {
 }
 
 
+BEAM_SCORINGS = ("answer", "reference")
+
+
 @dataclass(frozen=True)
 class GenerationOverrides:
     """What the user set on the command line; None keeps the task's preset."""
@@ -51,8 +59,11 @@ class GenerationOverrides:
     top_p: float | None = None
     repetition_penalty: float | None = None
     max_new_tokens: int | None = None
+    beam_scoring: str | None = None
 
     def validate(self) -> None:
+        if self.beam_scoring is not None and self.beam_scoring not in BEAM_SCORINGS:
+            raise UsageError(f"unknown --beam-scoring {self.beam_scoring!r}", hint="use answer or reference")
         if self.num_beams is not None and self.num_beams < 1:
             raise UsageError("--beams must be at least 1")
         if self.temperature is not None and self.temperature <= 0:
@@ -308,11 +319,17 @@ class RowSampler:
     Placed last among the logits processors of a greedy generate() call: it leaves only the
     sampled token finite, so the greedy argmax takes it. transformers' own sampling draws every
     row from one shared random stream, which ties a row's answer to its batch neighbours.
+
+    The decodable-output `constraint` is applied after temperature and top-p, as a filter on the
+    nucleus the unconstrained model would sample from (the reference has no constraint): a token
+    the reference could draw within the rules keeps its relative odds. When no token of the
+    nucleus is allowed, the allowed tokens are drawn from at their temperature-scaled odds.
     """
 
-    def __init__(self, seeds: Sequence[int], settings: GenerationSettings) -> None:
+    def __init__(self, seeds: Sequence[int], settings: GenerationSettings, constraint: Any = None) -> None:
         self.seeds = list(seeds)
         self.settings = settings
+        self.constraint = constraint
         self.generators: list[Any] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -321,15 +338,21 @@ class RowSampler:
         if not self.generators:
             # On the scores' device: a CUDA row draws from a CUDA generator, without a copy to the CPU.
             self.generators = [torch.Generator(device=scores.device).manual_seed(s) for s in self.seeds]
-        scores = scores.float() / self.settings.temperature
+        scaled = scores.float() / self.settings.temperature
+        scores = scaled
         top_p = self.settings.top_p
         if top_p is not None and top_p < 1.0:
             # The same rule as transformers' TopPLogitsWarper: drop the low tail whose mass is at
             # most 1 - top_p, always keeping the most likely token.
-            ordered, order = torch.sort(scores, descending=False, dim=-1)
+            ordered, order = torch.sort(scaled, descending=False, dim=-1)
             tail = ordered.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
             tail[..., -1:] = False
-            scores = scores.masked_fill(tail.scatter(1, order, tail), float("-inf"))
+            scores = scaled.masked_fill(tail.scatter(1, order, tail), float("-inf"))
+        if self.constraint is not None:
+            allowed = self.constraint(input_ids, scaled.clone())
+            nucleus = scores.masked_fill(allowed == float("-inf"), float("-inf"))
+            empty = torch.isinf(nucleus).all(dim=-1, keepdim=True)
+            scores = torch.where(empty, allowed, nucleus)
         probabilities = scores.softmax(dim=-1)
         chosen = torch.cat([torch.multinomial(probabilities[row], 1, generator=generator)
                             for row, generator in enumerate(self.generators)])
@@ -384,18 +407,21 @@ def generate(
             ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
             mask[row, width - len(prompt) :] = 1
         processors = LogitsProcessorList()
-        if constraint_factory is not None:
-            processors.append(constraint_factory(width, settings.max_new_tokens))
+        constraint = constraint_factory(width, settings.max_new_tokens) if constraint_factory is not None else None
         run_settings = settings
+        if settings.do_sample and not beam_sampling:
+            processors.append(RowSampler([seeds[i] for i in chunk], settings, constraint))
+            run_settings = replace(settings, do_sample=False)
+        elif constraint is not None:
+            processors.append(constraint)
         if beam_sampling:
             torch.manual_seed(seeds[chunk[0]])
-        elif settings.do_sample:
-            processors.append(RowSampler([seeds[i] for i in chunk], settings))
-            run_settings = replace(settings, do_sample=False)
         streamer = None
         if on_tokens is not None and len(prompts) == 1 and settings.num_beams == 1:
             streamer = _TokenStream(on_tokens)
-        with torch.inference_mode():
+        scoring = reference_beam_scoring(llm) if settings.beam_scoring == "reference" and settings.num_beams > 1 \
+            else contextlib.nullcontext()
+        with torch.inference_mode(), scoring:
             output = llm.generate(
                 input_ids=ids.to(device),
                 attention_mask=mask.to(device),
@@ -415,6 +441,41 @@ def generate(
         if on_batch_done is not None:
             on_batch_done(len(chunk))
     return [results[i] for i in range(len(prompts))]
+
+
+@contextlib.contextmanager
+def reference_beam_scoring(llm: Any) -> Iterator[None]:
+    """Beam search scored as the reference's transformers 4.34 did: a finished beam's log-probability
+    divided by the length of the whole row (prompt, its left padding and the answer) rather than of
+    the answer alone. transformers normalises in `_update_finished_beams` and estimates the best
+    reachable score in `_check_early_stop_heuristic`, both from `cur_len - decoder_prompt_len`:
+    with a prompt length of 0 they see the whole row. Patched on this model object for one call.
+    """
+    import inspect
+
+    cls = type(llm)
+    update, check = llm._update_finished_beams, cls._check_early_stop_heuristic
+    for method in (update, check):
+        if "decoder_prompt_len" not in inspect.signature(method).parameters:
+            raise UsageError("--beam-scoring reference is not supported by this transformers version",
+                             hint="use --beam-scoring answer")
+
+    def whole_row(method: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if "decoder_prompt_len" not in kwargs:
+                raise UsageError("--beam-scoring reference is not supported by this transformers version",
+                                 hint="use --beam-scoring answer")
+            return method(*args, **{**kwargs, "decoder_prompt_len": 0})
+
+        return call
+
+    llm._update_finished_beams = whole_row(update)
+    llm._check_early_stop_heuristic = whole_row(check)
+    try:
+        yield
+    finally:
+        del llm._update_finished_beams
+        del llm._check_early_stop_heuristic
 
 
 class _TokenStream:

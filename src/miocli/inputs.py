@@ -41,8 +41,13 @@ def read_stdin(what: str) -> str:
                          hint="convert it to UTF-8, e.g. with iconv") from None
 
 
-def expand_inputs(values: Iterable[str], kind: str, recursive: bool = False) -> list[Path]:
-    """Files from arguments: paths, folders (recursive with -r), globs, or '-' (paths on stdin)."""
+def expand_inputs(values: Iterable[str], kind: str | tuple[str, ...], recursive: bool = False) -> list[Path]:
+    """Files from arguments: paths, folders (recursive with -r), globs, or '-' (paths on stdin).
+
+    A folder gives its files of `kind` (one kind, or several: tokenize takes images and audio).
+    """
+    kinds = (kind,) if isinstance(kind, str) else kind
+    suffixes = {suffix for k in kinds for suffix in EXTENSIONS[k]}
     found: list[Path] = []
     for value in values:
         if value == "-":
@@ -51,13 +56,14 @@ def expand_inputs(values: Iterable[str], kind: str, recursive: bool = False) -> 
         path = Path(value).expanduser()
         if path.is_dir():
             walker = path.rglob("*") if recursive else path.glob("*")
-            found.extend(sorted(p for p in walker if p.is_file() and p.suffix.lower() in EXTENSIONS[kind]))
+            found.extend(sorted(p for p in walker if p.is_file() and p.suffix.lower() in suffixes))
         elif not path.exists() and glob.has_magic(value):
             found.extend(sorted(Path(p) for p in glob.glob(value, recursive=recursive)))
         else:
             found.append(path)  # a missing file is reported as that input's failure
     if not found:
-        raise UsageError("no input files", hint=f"give {kind} files, folders (with -r to recurse), globs or '-'")
+        raise UsageError("no input files",
+                         hint=f"give {' or '.join(kinds)} files, folders (with -r to recurse), globs or '-'")
     return found
 
 
