@@ -47,11 +47,14 @@ class GenerationOptions:
     seed: int | None = None
     batch_size: int = 1
     constrain: bool = True
+    # "answer" (default) or "reference": see GenerationSettings.beam_scoring.
+    beam_scoring: str | None = None
 
     def overrides(self) -> GenerationOverrides:
         return GenerationOverrides(
             num_beams=self.beams, do_sample=self.sample, temperature=self.temperature, top_p=self.top_p,
             repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_new_tokens,
+            beam_scoring=self.beam_scoring,
         )
 
 
@@ -134,6 +137,20 @@ class Mio:
         items = (self._item(task, value, n, context) for n, value in enumerate(inputs))
         run_settings = stream.StreamSettings(options, pixel, frames, shots, template, on_part, embeddings_only)
         return stream.run(self, task, items, run_settings)
+
+    def check_settings(self, task: str, settings: dict[str, Any], template: str | None = None) -> None:
+        """UsageError for an unknown task or setting, or a bad value, without loading or running anything."""
+        from miocli import stream
+
+        task = task.replace("-", "_")
+        if task not in stream.API_TASKS:
+            raise UsageError(f"unknown task {task!r}", hint=f"use one of {', '.join(stream.API_TASKS)}")
+        try:
+            _settings(None, dict(settings))
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"a setting has the wrong type ({exc})") from None
+        if template is not None and ("{media}" not in template or "{instruction}" not in template):
+            raise UsageError("the template needs both {media} and {instruction}")
 
     def _item(self, task: str, value: Any, index: int, context: _ItemContext) -> Item:
         if isinstance(value, Item):

@@ -18,7 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from miocli.cli_options import Common, emit_json, err, with_options
-from miocli.errors import UsageError
+from miocli.errors import EnvironmentProblem, UsageError, report
 from miocli.media.video import DEFAULT_MAX_FRAMES
 
 app = typer.Typer(
@@ -73,6 +73,9 @@ def read_text_argument(value: str | None, what: str) -> str:
         value = read_stdin(what)
     if value is None or not value.strip():
         raise UsageError(f"the {what} is empty", hint=f"give the {what} as an argument, or '-' to read stdin")
+    from miocli.validate import check_text
+
+    check_text(value, what)
     return value
 
 
@@ -101,6 +104,10 @@ def _expand_text_inputs(values: list[str], what: str) -> list[str]:
             texts.append(value)
     if not texts or any(not t.strip() for t in texts):
         raise UsageError(f"a {what} is empty", hint=f"give non-empty {what}s, or '-' to read them from stdin")
+    from miocli.validate import check_text
+
+    for text in texts:
+        check_text(text, what)
     return texts
 
 
@@ -136,7 +143,8 @@ def chat(
     mode: Annotated[str, typer.Option("--mode", help="std, voice or custom.")] = "std",
     system: Annotated[str | None, typer.Option("--system", help="System text (custom mode).")] = None,
     messages: Annotated[str | None, typer.Option("--messages", help="A JSON list of {role, content} turns "
-                                                    "from FILE or '-'.")] = None,
+                                                    "from FILE or '-' (contents are plain text: token "
+                                                    "strings in them are not tokens).")] = None,
     no_generation_prompt: Annotated[bool, typer.Option("--no-generation-prompt", help="Do not open an "
                                                        "assistant turn at the end.")] = False,
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Keep asking; history is kept.")] = False,
@@ -155,14 +163,15 @@ def chat(
                          hint="run it in a terminal, or give the question as an argument")
     options = opts.generation(batch_size=1)
     conversation = _conversation(question, messages, interactive)
+    if opts.show_prompt:
+        local = opts.make_mio(local=True)
+        prompt_text = local.chat_prompt(conversation, mode=mode, system=system,
+                                        add_generation_prompt=not no_generation_prompt)
+        print_prompt(local, prompt_text, opts.as_json)
+        return 0
     mio = opts.make_mio()
     if interactive:
         return _interactive(mio, conversation, mode, system, options, opts.as_json)
-    prompt_text = mio.chat_prompt(conversation, mode=mode, system=system,
-                                  add_generation_prompt=not no_generation_prompt)
-    if opts.show_prompt:
-        print_prompt(mio, prompt_text, opts.as_json)
-        return 0
     reply = mio.chat(conversation, mode=mode, system=system, add_generation_prompt=not no_generation_prompt,
                      options=options)
     report_problems("answer", reply.problems)
@@ -183,6 +192,8 @@ def _conversation(question: str | None, messages: str | None, interactive: bool)
             data = json.loads(source)
         except json.JSONDecodeError as exc:
             raise UsageError(f"--messages {messages} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise UsageError(f"--messages {messages} is nested too deeply to be a list of turns") from None
         if not isinstance(data, list) or not data:
             raise UsageError(f"--messages {messages} should hold a non-empty JSON list of {{role, content}} turns")
         turns = data
@@ -200,11 +211,13 @@ def _last_user(conversation: list[dict[str, Any]]) -> str:
 
 def _interactive(mio: Any, history: list[dict[str, Any]], mode: str, system: str | None, options: Any,
                  as_json: bool) -> int:
+    from miocli.protocol import PromptText
+
     err("mio: interactive chat; an empty line or Ctrl-D ends it.")
     pending = list(history)
     if pending and pending[-1].get("role") == "user":
         reply = mio.chat(pending, mode=mode, system=system, options=options)
-        pending.append({"role": "assistant", "content": reply.raw.strip()})
+        pending.append({"role": "assistant", "content": PromptText.trusted(reply.raw.strip())})
         print(reply.text, flush=True)
     while True:
         err("you> ")
@@ -214,8 +227,9 @@ def _interactive(mio: Any, history: list[dict[str, Any]], mode: str, system: str
         pending.append({"role": "user", "content": line.rstrip("\n")})
         reply = mio.chat(pending, mode=mode, system=system, options=options)
         report_problems("answer", reply.problems)
-        # History keeps the raw answer so media the model produced stays in context.
-        pending.append({"role": "assistant", "content": reply.raw.strip()})
+        # History keeps the raw answer so media the model produced stays in context: mio wrote those
+        # token strings, so they stay tokens (trusted), while everything the user typed is plain text.
+        pending.append({"role": "assistant", "content": PromptText.trusted(reply.raw.strip())})
         if as_json:
             emit_json({"task": "chat", "input": line.strip(), **reply.to_record()})
         else:
@@ -226,16 +240,22 @@ def _interactive(mio: Any, history: list[dict[str, Any]], mode: str, system: str
 @with_options("runtime", "generation", "batch", "json", "prompt", "output")
 def generate(
     prompts: Annotated[list[str], typer.Argument(help="Raw prompts ('-' reads one prompt per line from stdin).")],
+    raw_tokens: Annotated[bool, typer.Option("--raw-tokens", help="For hand-built prompts: read token strings "
+                                             "(<|im_start|>, <image>, <img5>, <spch5>, ...) in the prompts as "
+                                             "the tokens they name. Without it prompts are plain text.")] = False,
     *, opts: Common,
 ) -> int:
-    """Continue raw text with no chat template (the Base model's way; BOS is prepended)."""
-    from miocli import protocol
+    """Continue raw text with no chat template (the Base model's way; BOS is prepended).
+
+    Prompts are plain text: a token string typed in one is text, not a token, unless --raw-tokens.
+    """
     from miocli.inputs import Item
     from miocli.outputs import slug
+    from miocli.pipeline import raw_prompt_text
     from miocli.writer import GENERATE, Target
 
     texts = _expand_text_inputs(prompts, "prompt")
-    targets = [Target(Item(text, prompt=text if text.startswith(protocol.BOS) else protocol.BOS + text),
+    targets = [Target(Item(text, prompt=raw_prompt_text(text, tokens=raw_tokens)),
                       f"{number:03d}-{slug(text, 30)}") for number, text in enumerate(texts, start=1)]
     return _run_task("generate", "generate", GENERATE, targets, opts)
 
@@ -297,7 +317,8 @@ def _run_task(api_task: str, record_task: str, kind: str, targets: list[Any], op
 
     if options is None:
         options = opts.generation()
-    mio = opts.make_mio()
+    # --print-prompt needs no LLM: it always runs here, on the local model folder.
+    mio = opts.make_mio(local=opts.show_prompt)
     if opts.show_prompt:
         # A long recording shows the prompt of each part it will be split into.
         for prompt in mio.prompts(api_task, [t.item for t in targets], options=options, **settings):
@@ -365,6 +386,10 @@ def _examples(values: list[str] | None, kind: str) -> list[tuple[Any, str]]:
 
 
 def _pixels(steps: int, guidance: float, size: int) -> dict[str, Any]:
+    from miocli.validate import check_pixels
+
+    # Here, before any model loads, rather than in the decoder after the whole generation.
+    check_pixels(steps, guidance, size)
     return {"steps": steps, "guidance": guidance, "size": size}
 
 
@@ -435,7 +460,7 @@ def edit(
     image: Annotated[str, typer.Argument(help="The image to edit.")],
     instruction: Annotated[str, typer.Argument(help="What to change.")],
     template: Annotated[str | None, typer.Option("--template", help="User turn template with {media} and "
-                                                    "{instruction}.")] = None,
+                                                    "{instruction} (its own text is plain text).")] = None,
     steps: StepsOpt = 20, guidance: GuidanceOpt = 10.0, size: SizeOpt = 768,
     *, opts: Common,
 ) -> int:
@@ -444,8 +469,10 @@ def edit(
     from miocli.writer import IMAGE
 
     text = read_text_argument(instruction, "instruction")
-    if template is not None and ("{media}" not in template or "{instruction}" not in template):
-        raise UsageError("--template needs both {media} and {instruction}")
+    if template is not None:
+        from miocli.validate import check_template
+
+        check_template(template, ("media", "instruction"))
     targets = _media_targets(IMAGE_INPUT, [image], False, {"instruction": text})
     return _run_task("edit", "edit", IMAGE, targets, opts, options=opts.generation(batch_size=1), template=template,
                      **_pixels(steps, guidance, size))
@@ -454,50 +481,97 @@ def edit(
 @app.command()
 @with_options("codec", "json")
 def tokenize(
-    media: Annotated[str, typer.Argument(help="An image or audio file.")],
+    media: Annotated[list[str], typer.Argument(help="Image or audio files, folders, globs, or '-' (paths on "
+                                               "stdin).")],
+    recursive: RecursiveOpt = False,
     with_timbre: Annotated[bool, typer.Option("--with-timbre", help="Audio: all four layers (content + "
                                               "timbre), as MIO writes its own speech.")] = False,
     *, opts: Common,
 ) -> int:
-    """Print the token string of an image (<image>…</image>) or a recording (<spch>…</spch>)."""
-    from miocli.inputs import Item, to_media
-    from miocli.outputs import json_line
-    from miocli.writer import print_line, require_stdout
+    """Print the token string of images (<image>…</image>) and recordings (<spch>…</spch>), one per input."""
+    from miocli.inputs import Item, Media, expand_inputs, kind_of_path
+    from miocli.outputs import display_name, json_line
+    from miocli.tasks import AUDIO, IMAGE
+    from miocli.writer import one_line, print_line, require_stdout
 
     require_stdout()
+    paths = expand_inputs(media, (IMAGE, AUDIO), recursive)
+    items = [Item(str(p), media=[Media(kind_of_path(p), str(p), path=p)], with_timbre=with_timbre) for p in paths]
     mio = opts.make_mio(quantize="none")
-    item = Item(media, media=[to_media(media, media)], with_timbre=with_timbre)
-    [result] = list(mio.stream("tokenize", [item]))
-    result.raise_for_error()
-    print_line(json_line({"input": media, "tokens": result.text}) if opts.as_json else result.text)
-    return 0
+    failures = 0
+    for result in mio.stream("tokenize", items, batch_size=8):
+        name = display_name(result.input)
+        if result.error is not None:
+            failures += 1
+            report(result.error, name)
+            if opts.as_json:
+                print_line(json_line({"input": result.input, "error": result.error.message,
+                                      "hint": result.error.hint}))
+        elif opts.as_json:
+            print_line(json_line({"input": result.input, "tokens": result.text}))
+        else:
+            print_line(f"{name}: {one_line(result.text)}" if len(items) > 1 else result.text)
+    return 1 if failures else 0
 
 
 @app.command()
-@with_options("codec")
+@with_options("codec", "json")
 def detokenize(
-    tokens: Annotated[str, typer.Argument(help="A token string, a file holding one, or '-' for stdin.")],
-    output: Annotated[str, typer.Option("--output", "-o", help="The file to write (.png/.jpg/.webp, .wav/.flac, "
-                                        ".npy with --embeddings-only, or '-' for stdout).")],
+    tokens: Annotated[list[str], typer.Argument(help="Token strings, files holding them, or '-' for stdin.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="One input: the file to write (.png/.jpg/.webp, "
+                                        ".wav/.flac, .npy with --embeddings-only, or '-' for stdout). Several: a "
+                                        "folder, where each input gives NAME.png, NAME.wav or NAME.npy.")],
     embeddings_only: Annotated[bool, typer.Option("--embeddings-only", help="Images: write the (n, 1024) "
                                                   "unCLIP embeddings as .npy, no diffusion.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing file.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing files.")] = False,
     steps: StepsOpt = 20, guidance: GuidanceOpt = 10.0, size: SizeOpt = 768,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed for the diffusion noise.")] = None,
     *, opts: Common,
 ) -> int:
-    """Turn <image>…</image> or <spch>…</spch> token strings back into a file (several images: NAME-2, …)."""
-    from miocli.detokenize import run_detokenize
+    """Turn <image>…</image> or <spch>…</spch> token strings back into files (more segments: NAME-2, …)."""
+    from miocli.detokenize import default_suffix, run_detokenize
+    from miocli.errors import MioError
     from miocli.inputs import read_stdin
+    from miocli.outputs import display_name, json_line
+    from miocli.writer import print_line
 
-    if tokens == "-":
-        text = read_stdin("tokens")
-    elif tokens.lstrip().startswith("<"):
-        text = tokens
-    else:
-        text = _read_file(tokens)
-    return run_detokenize(opts.make_mio(quantize="none"), text, output, embeddings_only=embeddings_only,
-                          overwrite=overwrite, seed=seed, **_pixels(steps, guidance, size))
+    sources = []
+    for number, value in enumerate(tokens, start=1):
+        if value == "-":
+            sources.append(("stdin", "stdin", read_stdin("tokens")))
+        elif value.lstrip().startswith("<"):
+            sources.append((f"tokens {number}", f"{number:03d}", value))
+        else:
+            sources.append((value, Path(value).stem, _read_file(value)))
+    several = len(sources) > 1
+    if several and (output == "-" or Path(output).suffix):
+        raise UsageError(f"{len(sources)} inputs need a folder for -o, not {output}",
+                         hint="e.g. -o decoded/ (each input gives NAME.png, NAME.wav or NAME.npy there)")
+    mio = opts.make_mio(quantize="none")
+    failures = 0
+    for name, stem, text in sources:
+        target = str(Path(output) / f"{stem}{default_suffix(text, embeddings_only)}") if several else output
+        if several:
+            Path(output).mkdir(parents=True, exist_ok=True)
+        try:
+            written = run_detokenize(mio, text, target, embeddings_only=embeddings_only, overwrite=overwrite,
+                                     seed=seed, **_pixels(steps, guidance, size))
+        except MioError as exc:
+            if not several:
+                raise
+            failures += 1
+            report(exc, display_name(name))
+            if opts.as_json:
+                print_line(json_line({"input": name, "error": exc.message, "hint": exc.hint, "files": []}))
+            continue
+        files = [path for path in written if path != "-" and Path(path).is_file()]
+        # Paths on stdout would corrupt bytes written to a stream that may be stdout itself.
+        if opts.as_json and output != "-":
+            print_line(json_line({"input": name, "files": files}))
+        elif not opts.as_json:
+            for path in files:
+                print_line(path)
+    return 1 if failures else 0
 
 
 @app.command()
@@ -670,6 +744,51 @@ def cot_visual(
                                                                     slug(text, 40))], writer,
                              options=opts.generation(batch_size=1), **_pixels(steps, guidance, size))
     return 1 if failures else 0
+
+
+# ---- the server ------------------------------------------------------------------------------------
+@app.command()
+@with_options("model")
+def serve(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8765,
+    api_key: Annotated[str | None, typer.Option("--api-key", envvar="MIO_API_KEY", help="Key clients must send "
+                                                "(Authorization: Bearer KEY); needed to listen beyond loopback.",
+                                                show_default=False)] = None,
+    insecure_no_api_key: Annotated[bool, typer.Option("--insecure-no-api-key", help="Listen beyond loopback "
+                                                      "without a key: anyone who can reach the port can use the "
+                                                      "model.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Most inputs in one generation batch "
+                                            "(requests for the same task are gathered).")] = 8,
+    batch_window: Annotated[float, typer.Option("--batch-window", help="Seconds to wait for other requests to "
+                                                "join a batch.")] = 0.02,
+    idle_unload: Annotated[str | None, typer.Option("--idle-unload", help="Unload the model after this long "
+                                                    "without requests (e.g. 10m); it loads again on use.")] = None,
+    max_body_mb: Annotated[int, typer.Option("--max-body-mb", help="Largest request body, in MiB.")] = 64,
+    request_timeout: Annotated[float, typer.Option("--request-timeout", help="Seconds a request may take.")] = 600.0,
+    *, opts: Common,
+) -> int:
+    """Keep MIO loaded and serve every command (`--server URL`), scripts and OpenAI clients over HTTP."""
+    try:
+        from miocli.server import ServeSettings, check_bind, parse_duration
+        from miocli.server import serve as run_server
+    except ImportError as exc:
+        raise EnvironmentProblem(f"`mio serve` needs the server extra ({exc.name} is missing)",
+                                 hint="pip install 'miocli[serve]'") from None
+
+    check_bind(host, api_key, insecure_no_api_key)
+    if not 0 < port < 65536:
+        raise UsageError(f"--port must be between 1 and 65535 (got {port})")
+    if batch_size < 1 or max_body_mb < 1 or not 0 <= batch_window <= 5 or not request_timeout > 0:
+        raise UsageError("--batch-size and --max-body-mb must be at least 1, --batch-window 0-5 s, "
+                         "--request-timeout above 0")
+    if not api_key and host not in ("127.0.0.1", "::1", "localhost"):
+        err(f"mio serve: WARNING: listening on {host} WITHOUT an API key: anyone who can reach it can use it")
+    settings = ServeSettings(host=host, port=port, api_key=api_key or None, batch_size=batch_size,
+                             batch_window_s=batch_window, max_body_bytes=max_body_mb * 2**20,
+                             request_timeout_s=request_timeout,
+                             idle_unload_s=parse_duration(idle_unload) if idle_unload else None)
+    return run_server(opts.make_mio(local=True), settings)
 
 
 def join_example_values(argv: list[str]) -> list[str]:

@@ -39,6 +39,7 @@ class Common:
     dtype: str = "auto"
     quantize: str = "auto"
     verbose: bool = False
+    server: str | None = None
     debug: bool = False
     beams: int | None = None
     sample: bool | None = None
@@ -49,6 +50,7 @@ class Common:
     seed: int | None = None
     batch_size: int = 1
     constrain: bool = True
+    beam_scoring: str | None = None
     as_json: bool = False
     show_prompt: bool = False
     output_dir: Path | None = None
@@ -57,7 +59,17 @@ class Common:
     # Whether the command has --skip-existing at all, so error hints only offer what exists.
     offers_skip_existing: bool = False
 
-    def make_mio(self, quantize: str | None = None) -> Any:
+    def make_mio(self, quantize: str | None = None, *, local: bool = False) -> Any:
+        """The model to run on: `mio serve` at --server / MIO_SERVER (a light client), else in this process."""
+        if self.server and not local:
+            from miocli.client import RemoteMio
+
+            return RemoteMio(self.server)
+        if self.verbose:
+            # --verbose shows what the libraries say too (decoders, diffusers), not only mio's lines.
+            from miocli import quiet
+
+            quiet.set_enabled(False)
         from miocli.api import Mio
 
         return Mio(self.model, variant=self.variant, device=self.device, dtype=self.dtype,
@@ -70,6 +82,9 @@ class Common:
         size = self.batch_size if batch_size is None else batch_size
         if size < 1:
             raise UsageError("--batch-size must be at least 1")
+        from miocli.validate import check_seed
+
+        check_seed(self.seed)
         # The options share GenerationOptions' field names, so they are taken over by name.
         chosen = {f.name: getattr(self, f.name) for f in fields(GenerationOptions)}
         options = GenerationOptions(**{**chosen, "batch_size": size,
@@ -104,6 +119,9 @@ OPTIONS: dict[str, tuple[Any, Any]] = {
                                      panel=RUNTIME)], "auto"),
     "verbose": (Annotated[bool, _opt("--verbose", "-v", help="Report what was loaded, how long it took, and "
                                      "memory.", panel=RUNTIME)], False),
+    "server": (Annotated[str | None, _opt("--server", envvar="MIO_SERVER", help="Run on a `mio serve` at this URL "
+                                          "(key in MIO_API_KEY) instead of loading the model here.",
+                                          panel=RUNTIME, show_default=False)], None),
     "debug": (Annotated[bool, _opt("--debug", help="Show tracebacks.", panel=RUNTIME)], False),
     "beams": (Annotated[int | None, _opt("--beams", help="Beam count (task preset by default).",
                                          panel=GENERATION)], None),
@@ -117,6 +135,10 @@ OPTIONS: dict[str, tuple[Any, Any]] = {
                                         panel=GENERATION)], None),
     "constrain": (Annotated[bool, _opt("--constrain/--no-constrain", help="Keep image and speech segments "
                                        "well-formed while generating.", panel=GENERATION)], True),
+    "beam_scoring": (Annotated[str | None, _opt("--beam-scoring", metavar="answer|reference", help="How finished "
+                                                "beams are length-normalised: by the answer (default) or, as the "
+                                                "reference's transformers 4.34 did, by prompt + padding + answer "
+                                                "(shorter answers).", panel=GENERATION, show_default=False)], None),
     "batch_size": (Annotated[int, _opt("--batch-size", "-b", help="Prompts per generate call.",
                                        panel=GENERATION)], 1),
     "as_json": (Annotated[bool, _opt("--json", help="One JSON object per result on stdout.", panel=OUTPUT)], False),
@@ -131,10 +153,12 @@ OPTIONS: dict[str, tuple[Any, Any]] = {
 
 GROUPS: dict[str, tuple[str, ...]] = {
     # Commands that only encode or decode media take the model folder and device, not the LLM's options.
-    "codec": ("model", "device", "dtype", "verbose"),
-    "runtime": ("model", "variant", "device", "dtype", "quantize", "verbose"),
+    "codec": ("model", "device", "dtype", "verbose", "server"),
+    # The model a process loads itself (`mio serve`); "runtime" adds --server for the commands.
+    "model": ("model", "variant", "device", "dtype", "quantize", "verbose"),
+    "runtime": ("model", "variant", "device", "dtype", "quantize", "verbose", "server"),
     "generation": ("beams", "sample", "temperature", "top_p", "repetition_penalty", "max_new_tokens", "seed",
-                   "constrain"),
+                   "constrain", "beam_scoring"),
     "batch": ("batch_size",),
     "json": ("as_json",),
     "prompt": ("show_prompt",),

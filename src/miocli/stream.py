@@ -31,8 +31,9 @@ from miocli.tasks import AUDIO, IMAGE, IMAGE_OUT, MIXED_OUT, SPEECH_OUT, TASKS, 
 
 log = logging.getLogger("miocli")
 
-# Images per SEED encoder call and per unCLIP call: a batch's images go through together,
-# bounded so that one input with many frames cannot take all the memory.
+# Images per SEED encoder call (a batch's images go through together, bounded so that one input
+# with many frames cannot take all the memory), and token strings decoded before their pictures
+# are handed over (detokenize).
 ENCODE_BATCH = 32
 DECODE_BATCH = 8
 
@@ -108,12 +109,17 @@ class Run:
         self.runtime = mio.runtime
         self._examples: list[tuple[list[str], list[str], str]] | None = None
         self._budgets: dict[str, PromptBudget] = {}
+        self._required: set[str] = set()
 
     # ---- media → token strings -----------------------------------------------------------
     def load(self, item: Item) -> list[Any]:
         loaded: list[Any] = []
+        frames = self.settings.frames
+        if self.name == "video_caption" and self.runtime.variant == "base":
+            # The reference's infer.py describes videos to the Base model from uniform frames.
+            frames = replace(frames, uniform=True)
         for media in item.media:
-            decoded = media.load(self.settings.frames)
+            decoded = media.load(frames)
             if media.kind == AUDIO:
                 from miocli.media.audio import is_silent
 
@@ -178,9 +184,17 @@ class Run:
         text = task_prompt_text(task, self.runtime.variant, item.fields, count, shots=shots)
         return Prompt(text, all_images + images, all_speeches + speeches)
 
+    def require(self, task: Task) -> None:
+        """The folder checks of a task's components, once per run: a broken or unsafe model folder is one
+        error (exit 3) before any input is read, not one per input."""
+        if task.name not in self._required:
+            self._required.add(task.name)
+            self.runtime.require(task.components())
+
     def prepare(self, index: int, item: Item) -> _Pending:
         """Load and encode one input's media and build its prompt(s); raises MioError for a bad input."""
         task = self.task_for(item)
+        self.require(task)
         media = self.load(item)
         pending = _Pending(index, item, task)
         if task.media == AUDIO or any(m.kind == AUDIO for m in item.media):
@@ -243,11 +257,10 @@ class Run:
 
     # ---- decoding ----------------------------------------------------------------------------
     def images(self, id_lists: list[list[int]]) -> list[Any]:
-        decoded: list[Any] = []
-        for start in range(0, len(id_lists), DECODE_BATCH):
-            decoded += mediatokens.images_from_ids(self.runtime, id_lists[start : start + DECODE_BATCH],
-                                                   self.settings.pixel)
-        return decoded
+        # One picture per unCLIP call: a batched UNet rounds differently (a few pixels off by one),
+        # and a seeded image must not depend on what else was decoded with it.
+        return [image for ids in id_lists for image in mediatokens.images_from_ids(self.runtime, [ids],
+                                                                                      self.settings.pixel)]
 
     def audio(self, codes: list[list[list[int]]]) -> list[Audio]:
         return [Audio(mediatokens.speech_from_codes(self.runtime, c)) for c in codes]
@@ -441,6 +454,7 @@ def _cot_visual(run: Run, items: Iterable[Item]) -> Iterator[Result]:
 
 def _cot_draw_prompt(run: Run, index: int, item: Item) -> _Pending:
     task = TASKS["cot-draw" if item.media else "cot-draw-text"]
+    run.require(task)
     pending = _Pending(index, item, task, [Prompt(task_prompt_text(task, run.runtime.variant, item.fields, 0))])
     if item.media:
         pending.images = run.load(item)
