@@ -22,40 +22,16 @@ from typing import Any
 
 from miocli import protocol
 from miocli.errors import UsageError
-from miocli.generation import GenerationOverrides
 from miocli.inputs import Example, Item, to_media
 from miocli.media.video import FrameOptions
 from miocli.mediatokens import PixelOptions
+from miocli.options import GenerationOptions
 from miocli.pipeline import Engine, Prompt, conversation_prompt_text, task_prompt_text
 from miocli.results import Audio, Result, Step, StoryPart
 from miocli.runtime import Runtime, RuntimeOptions
 from miocli.tasks import AUDIO, IMAGE, TASKS, VIDEO, Task
 
 __all__ = ["Audio", "GenerationOptions", "Item", "Mio", "Result", "Step", "StoryPart"]
-
-
-@dataclass(frozen=True)
-class GenerationOptions:
-    """Per-call generation choices; None keeps the task's preset."""
-
-    beams: int | None = None
-    sample: bool | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    repetition_penalty: float | None = None
-    max_new_tokens: int | None = None
-    seed: int | None = None
-    batch_size: int = 1
-    constrain: bool = True
-    # "answer" (default) or "reference": see GenerationSettings.beam_scoring.
-    beam_scoring: str | None = None
-
-    def overrides(self) -> GenerationOverrides:
-        return GenerationOverrides(
-            num_beams=self.beams, do_sample=self.sample, temperature=self.temperature, top_p=self.top_p,
-            repetition_penalty=self.repetition_penalty, max_new_tokens=self.max_new_tokens,
-            beam_scoring=self.beam_scoring,
-        )
 
 
 _OPTION_NAMES = {f.name for f in fields(GenerationOptions)}

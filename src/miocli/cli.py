@@ -761,7 +761,7 @@ def serve(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Most inputs in one generation batch "
                                             "(requests for the same task are gathered).")] = 8,
     batch_window: Annotated[float, typer.Option("--batch-window", help="Seconds to wait for other requests to "
-                                                "join a batch.")] = 0.02,
+                                                "join a batch.")] = 0.005,
     idle_unload: Annotated[str | None, typer.Option("--idle-unload", help="Unload the model after this long "
                                                     "without requests (e.g. 10m); it loads again on use.")] = None,
     max_body_mb: Annotated[int, typer.Option("--max-body-mb", help="Largest request body, in MiB.")] = 64,

@@ -77,7 +77,7 @@ class Common:
 
     def generation(self, *, sample: bool | None = None, batch_size: int | None = None) -> Any:
         """The generation options, validated; `sample`/`batch_size` replace the user's when given."""
-        from miocli.api import GenerationOptions
+        from miocli.options import GenerationOptions
 
         size = self.batch_size if batch_size is None else batch_size
         if size < 1:

@@ -215,6 +215,8 @@ class Runtime:
     loads: list[LoadRecord] = field(default_factory=list)
     # (component, parts) -> the ModelError its load raised: broken files are not read again.
     _failures: dict[tuple[str, frozenset[str]], ModelError] = field(default_factory=dict)
+    # Components whose folder checks passed (Runtime.require).
+    _checked: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         validate_options(self.options)
@@ -290,9 +292,12 @@ class Runtime:
         files and folders that ask to run custom code become one ModelError before any work is
         done; it is remembered like a failed load.
         """
-        names = sorted(set(components))
-        self._once("require:" + ",".join(names), frozenset(),
-                   lambda: checkpoint.require_components(self.model_dir, names))
+        # Checked once per component: a warm server must not reread the folder's JSON for every request.
+        names = sorted(set(components) - self._checked)
+        if names:
+            self._once("require:" + ",".join(names), frozenset(),
+                       lambda: checkpoint.require_components(self.model_dir, names))
+            self._checked.update(names)
 
     @property
     def tokenizer(self) -> MioTokenizer:
@@ -386,6 +391,7 @@ class Runtime:
         self.loads.clear()
         # Files repaired while idle get their chance at the next load.
         self._failures.clear()
+        self._checked.clear()
         import gc
 
         gc.collect()

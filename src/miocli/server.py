@@ -58,7 +58,7 @@ class ServeSettings:
     port: int = 8765
     api_key: str | None = None
     batch_size: int = 8
-    batch_window_s: float = 0.02
+    batch_window_s: float = 0.005
     max_body_bytes: int = 64 * 2**20
     request_timeout_s: float = 600.0
     idle_unload_s: float | None = None
@@ -113,7 +113,9 @@ class Job:
     def key(self) -> str:
         """Jobs with the same key can share a generation batch."""
         examples = [(e.media.name, len(e.media.data or b""), e.answer) for e in self.examples]
-        return json.dumps([self.task, self.settings, examples, self.template, self.embeddings_only], sort_keys=True,
+        # A client's batch size only says how it chunks its inputs; the server's --batch-size decides.
+        settings = {k: v for k, v in self.settings.items() if k != "batch_size"}
+        return json.dumps([self.task, settings, examples, self.template, self.embeddings_only], sort_keys=True,
                           default=str)
 
 
@@ -157,10 +159,9 @@ class Worker:
             return chosen, first
 
     def _batch_limit(self, job: Job) -> int:
-        # Interleave decodes its images while streaming: one story at a time.
-        if job.task == "interleave":
-            return 1
-        return max(1, min(self.settings.batch_size, int(job.settings.get("batch_size") or self.settings.batch_size)))
+        # Interleave decodes its images while streaming: one story at a time. Otherwise the server's
+        # --batch-size decides (a client's batch size only chunks its requests).
+        return 1 if job.task == "interleave" else self.settings.batch_size
 
     def _loop(self) -> None:
         while True:
