@@ -213,7 +213,7 @@ def test_reference_scores_divide_by_the_whole_padded_row(chain, length_penalty: 
         for i, row in enumerate(batch):
             ids[i, width - len(row):] = torch.tensor(row)
             mask[i, width - len(row):] = 1
-        scoring = reference_beam_scoring(llm) if reference else contextlib.nullcontext()
+        scoring = reference_beam_scoring(llm, stop) if reference else contextlib.nullcontext()
         with torch.inference_mode(), scoring:
             out = llm.generate(input_ids=ids, attention_mask=mask, num_beams=BEAMS, do_sample=False,
                                max_new_tokens=MAX_NEW, eos_token_id=stop, pad_token_id=pad_id,
@@ -238,11 +238,9 @@ def test_reference_scores_divide_by_the_whole_padded_row(chain, length_penalty: 
     alone = run(rows[:1], reference=True) + run(rows[1:], reference=True)
     batched = run(rows, reference=True)
     for answer, finished, divisor, width in alone + batched:
-        # The whole row: prompt, its padding and the answer, never the answer alone. A stopped beam was
-        # stored by 4.34 before its stop token; miocli today counts the stop token too (see the xfail test
-        # below), so either is taken here. A beam that ran to the limit: the full row in both.
-        extras = (0, 1) if finished else (0,)
-        assert min(abs(divisor - (width + len(answer) + extra)) for extra in extras) < 1e-2, (divisor, width)
+        # The whole row: prompt, its padding and the answer, never the answer alone; as in 4.34, a stopped
+        # beam's row without its stop token.
+        assert abs(divisor - (width + len(answer))) < 1e-2, (divisor, width)
     if length_penalty == 1.0:
         assert [(len(answer), finished) for answer, finished, _, _ in alone] == [(10, True), (2, True)]
         # Padded to the long prompt's width, the short prompt loses its long answer.
@@ -265,9 +263,6 @@ def boundary_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -
     return build_chain_model(tiny_model, tmp_path_factory.mktemp("boundary-model"), stops), "hi"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "off by one: miocli's reference scoring divides a stopped beam by the row with its stop token (cur_len + 1); "
-    "transformers 4.34's BeamHypotheses.add divided by input_ids before the stop token was appended"))
 def test_reference_scoring_matches_transformers_434_on_the_edge(boundary_model):
     from miocli.api import Mio
 

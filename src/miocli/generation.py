@@ -419,8 +419,8 @@ def generate(
         streamer = None
         if on_tokens is not None and len(prompts) == 1 and settings.num_beams == 1:
             streamer = _TokenStream(on_tokens)
-        scoring = reference_beam_scoring(llm) if settings.beam_scoring == "reference" and settings.num_beams > 1 \
-            else contextlib.nullcontext()
+        reference = settings.beam_scoring == "reference" and settings.num_beams > 1
+        scoring = reference_beam_scoring(llm, stop_id) if reference else contextlib.nullcontext()
         with torch.inference_mode(), scoring:
             output = llm.generate(
                 input_ids=ids.to(device),
@@ -444,33 +444,44 @@ def generate(
 
 
 @contextlib.contextmanager
-def reference_beam_scoring(llm: Any) -> Iterator[None]:
+def reference_beam_scoring(llm: Any, stop_id: int) -> Iterator[None]:
     """Beam search scored as the reference's transformers 4.34 did: a finished beam's log-probability
-    divided by the length of the whole row (prompt, its left padding and the answer) rather than of
-    the answer alone. transformers normalises in `_update_finished_beams` and estimates the best
-    reachable score in `_check_early_stop_heuristic`, both from `cur_len - decoder_prompt_len`:
-    with a prompt length of 0 they see the whole row. Patched on this model object for one call.
+    divided by the length of the whole row (prompt, its left padding and the answer; for a beam that
+    stopped, without its stop token) rather than of the answer alone.
+
+    transformers normalises in `_update_finished_beams` and estimates the best reachable score in
+    `_check_early_stop_heuristic`, both from `cur_len - decoder_prompt_len`: with a prompt length of 0
+    they see the whole row. It also counts a stopped beam's stop token, which 4.34 did not; that is
+    undone for candidates whose new token is `stop_id`. Patched on this model object for one call.
     """
+    import torch
+
+    unsupported = UsageError("--beam-scoring reference is not supported by this transformers version",
+                             hint="use --beam-scoring answer")
+    update, check = llm._update_finished_beams, type(llm)._check_early_stop_heuristic
+    needed = {"decoder_prompt_len", "cur_len", "length_penalty", "topk_log_probs", "topk_running_sequences"}
     import inspect
 
-    cls = type(llm)
-    update, check = llm._update_finished_beams, cls._check_early_stop_heuristic
-    for method in (update, check):
-        if "decoder_prompt_len" not in inspect.signature(method).parameters:
-            raise UsageError("--beam-scoring reference is not supported by this transformers version",
-                             hint="use --beam-scoring answer")
+    if not needed <= set(inspect.signature(update).parameters) or \
+            "decoder_prompt_len" not in inspect.signature(check).parameters:
+        raise unsupported
 
-    def whole_row(method: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any, **kwargs: Any) -> Any:
-            if "decoder_prompt_len" not in kwargs:
-                raise UsageError("--beam-scoring reference is not supported by this transformers version",
-                                 hint="use --beam-scoring answer")
-            return method(*args, **{**kwargs, "decoder_prompt_len": 0})
+    def update_whole_row(*args: Any, **kwargs: Any) -> Any:
+        if args or not needed <= set(kwargs):
+            raise unsupported
+        cur_len, penalty, scores = kwargs["cur_len"], kwargs["length_penalty"], kwargs["topk_log_probs"]
+        stopped = kwargs["topk_running_sequences"][:, :, cur_len] == stop_id
+        # transformers divides by (cur_len + 1) ** penalty; a stopped beam should get cur_len ** penalty.
+        scores = torch.where(stopped, scores * ((cur_len + 1) / cur_len) ** penalty, scores)
+        return update(**{**kwargs, "topk_log_probs": scores, "decoder_prompt_len": 0})
 
-        return call
+    def check_whole_row(*args: Any, **kwargs: Any) -> Any:
+        if "decoder_prompt_len" not in kwargs:
+            raise unsupported
+        return check(*args, **{**kwargs, "decoder_prompt_len": 0})
 
-    llm._update_finished_beams = whole_row(update)
-    llm._check_early_stop_heuristic = whole_row(check)
+    llm._update_finished_beams = update_whole_row
+    llm._check_early_stop_heuristic = check_whole_row
     try:
         yield
     finally:
