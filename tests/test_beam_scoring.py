@@ -237,7 +237,7 @@ def test_reference_scores_divide_by_the_whole_padded_row(chain, length_penalty: 
         assert divisor == pytest.approx(len(answer) + finished, rel=1e-4)  # the answer (and its stop token)
     alone = run(rows[:1], reference=True) + run(rows[1:], reference=True)
     batched = run(rows, reference=True)
-    for answer, finished, divisor, width in alone + batched:
+    for answer, _finished, divisor, width in alone + batched:
         # The whole row: prompt, its padding and the answer, never the answer alone; as in 4.34, a stopped
         # beam's row without its stop token.
         assert abs(divisor - (width + len(answer))) < 1e-2, (divisor, width)
