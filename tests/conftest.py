@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from miocli.generation import MediaVocabulary
 from miocli.tiny import ensure_tiny_checkpoint
+from miocli.tokenizer import MioTokenizer
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -22,3 +24,14 @@ def tiny_model(tiny_cache: Path) -> Path:
     return ensure_tiny_checkpoint("instruct", cache_dir=tiny_cache)
 
 
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model: Path) -> MioTokenizer:
+    """The tiny checkpoint's tokenizer (a module may define its own `tokenizer` instead)."""
+    return MioTokenizer.from_dir(tiny_model)
+
+
+@pytest.fixture(scope="module")
+def vocab(tokenizer: MioTokenizer) -> MediaVocabulary:
+    return MediaVocabulary(tokenizer)

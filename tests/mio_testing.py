@@ -6,8 +6,9 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -39,3 +40,32 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def rewired_checkpoint(tiny_model: Path, folder: Path, rows: Callable[[Any, Any], None]) -> Path:
+    """A copy of the tiny checkpoint whose layers add nothing, for answers computable by hand.
+
+    Zero output projections leave the last hidden state equal to the current token's embedding
+    (the final norm set to 1); `rows(embed, head)` then fills the zeroed embedding and output
+    matrices, e.g. one-hot embeddings and output rows that chain one token to the next. The other
+    files are links to the tiny checkpoint's.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for entry in tiny_model.iterdir():
+        if entry.name != "model.safetensors":
+            (folder / entry.name).symlink_to(entry)
+    weights = load_file(tiny_model / "model.safetensors")
+    for name in weights:
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            weights[name] = torch.zeros_like(weights[name])
+    weights["model.norm.weight"] = torch.ones_like(weights["model.norm.weight"])
+    embed = torch.zeros_like(weights["model.embed_tokens.weight"])
+    head = torch.zeros_like(weights["lm_head.weight"])
+    rows(embed, head)
+    weights["model.embed_tokens.weight"] = embed
+    weights["lm_head.weight"] = head
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder

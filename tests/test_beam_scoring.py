@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from mio_testing import one_torch_thread, run_mio  # noqa: F401  (one_torch_thread: autouse)
+from mio_testing import one_torch_thread, rewired_checkpoint, run_mio  # noqa: F401  (one_torch_thread: autouse)
 from miocli import protocol
 from miocli.errors import UsageError
 from miocli.pipeline import Prompt
@@ -52,38 +52,24 @@ CHAIN_STOPS = {2: HALF, 10: 0.88}
 def build_chain_model(tiny_model: Path, folder: Path, stops: dict[int, float]) -> Path:
     """A copy of the tiny checkpoint answering "\\n" → a → b → ... ; after `k` letters it stops with
     probability `stops[k]` (otherwise with probability ~e^-30)."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for entry in tiny_model.iterdir():
-        if entry.name != "model.safetensors":
-            (folder / entry.name).symlink_to(entry)
     tokenizer = MioTokenizer.from_dir(tiny_model)
-    weights = load_file(tiny_model / "model.safetensors")
-    for name in weights:
-        if name.endswith(("o_proj.weight", "down_proj.weight")):
-            weights[name] = torch.zeros_like(weights[name])
-    weights["model.norm.weight"] = torch.ones_like(weights["model.norm.weight"])
-    embed = torch.zeros_like(weights["model.embed_tokens.weight"])
-    head = torch.zeros_like(weights["lm_head.weight"])
-    assert len(LETTERS) + 1 <= embed.shape[1], "one hidden dimension per chain state"
     chain = tokenizer.encode("\n") + [tokenizer.encode(letter)[0] for letter in LETTERS]
     assert len(chain) == len(set(chain)) == len(LETTERS) + 1, "each letter must be one token of its own"
     stop_id = tokenizer.token_to_id(protocol.IM_END)
-    # RMSNorm turns the one-hot embedding into sqrt(hidden) along its dimension.
-    unit = math.sqrt(embed.shape[1])
-    for state, current in enumerate(chain):
-        embed[current, state] = 1.0
-        stop = stops.get(state, 0.0)
-        if state + 1 < len(chain):
-            head[chain[state + 1], state] = (CERTAIN + math.log(1.0 - stop)) / unit
-        if stop:
-            head[stop_id, state] = (CERTAIN + math.log(stop)) / unit
-    weights["model.embed_tokens.weight"] = embed
-    weights["lm_head.weight"] = head
-    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
-    return folder
+
+    def rows(embed: Any, head: Any) -> None:
+        assert len(LETTERS) + 1 <= embed.shape[1], "one hidden dimension per chain state"
+        # RMSNorm turns the one-hot embedding into sqrt(hidden) along its dimension.
+        unit = math.sqrt(embed.shape[1])
+        for state, current in enumerate(chain):
+            embed[current, state] = 1.0
+            stop = stops.get(state, 0.0)
+            if state + 1 < len(chain):
+                head[chain[state + 1], state] = (CERTAIN + math.log(1.0 - stop)) / unit
+            if stop:
+                head[stop_id, state] = (CERTAIN + math.log(stop)) / unit
+
+    return rewired_checkpoint(tiny_model, folder, rows)
 
 
 @dataclass(frozen=True)

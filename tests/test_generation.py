@@ -137,16 +137,6 @@ def test_api_options_map_onto_overrides():
 
 
 # ---- the constraint without a model --------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tokenizer(tiny_model: Path) -> MioTokenizer:
-    return MioTokenizer.from_dir(tiny_model)
-
-
-@pytest.fixture(scope="module")
-def vocab(tokenizer: MioTokenizer) -> MediaVocabulary:
-    return MediaVocabulary(tokenizer)
-
-
 @dataclass(frozen=True)
 class FakeModel:
     """Logit biases of a pretend LLM; random noise is added at every step."""
