@@ -266,6 +266,7 @@ def create_app(mio: Any, settings: ServeSettings) -> FastAPI:
     from miocli.server_openai import add_openai_routes
 
     add_openai_routes(app, worker)
+    add_playground_routes(app)
 
     @app.exception_handler(MioError)
     async def mio_error(_request: Request, exc: MioError) -> Any:
@@ -273,6 +274,38 @@ def create_app(mio: Any, settings: ServeSettings) -> FastAPI:
         return JSONResponse({"error": wire.error_to_json(exc)}, status_code=status)
 
     return app
+
+
+# The playground page's files, shipped in the package; served as they are (no build step, no CDN).
+PLAYGROUND_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+                    "style.css": "text/css; charset=utf-8"}
+
+
+def add_playground_routes(app: FastAPI) -> None:
+    """`GET /` and its two assets: a page that drives this server's own API from a browser."""
+    from importlib.resources import files
+
+    from fastapi.responses import Response
+
+    folder = files("miocli") / "playground"
+
+    def asset(name: str) -> Response:
+        # Files are read on each request: small, and a changed install shows at once.
+        return Response(folder.joinpath(name).read_bytes(), media_type=PLAYGROUND_FILES[name],
+                        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+                                 "Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; "
+                                 "media-src 'self' data: blob:; style-src 'self'; script-src 'self'"})
+
+    @app.get("/")
+    async def page() -> Response:
+        return asset("index.html")
+
+    @app.get("/playground/{name}")
+    async def playground_file(name: str) -> Response:
+        if name not in PLAYGROUND_FILES or name == "index.html":
+            return JSONResponse({"error": {"type": "UsageError", "message": f"no such file: {name}"}},
+                                status_code=404)
+        return asset(name)
 
 
 def _version() -> str:
@@ -380,7 +413,9 @@ async def _guarded(request: Any, call_next: Callable[[Any], Any], settings: Serv
         return JSONResponse({"error": {"type": "UsageError", "message": message, "hint": hint, "exit_code": 2,
                                        "param": None, "code": None}}, status_code=status)
 
-    if settings.api_key is not None and not _authorized(request, settings.api_key):
+    # The page itself holds no secret: it loads without the key and asks for it before calling the API.
+    public = request.method == "GET" and (request.url.path == "/" or request.url.path.startswith("/playground/"))
+    if settings.api_key is not None and not public and not _authorized(request, settings.api_key):
         return refuse(401, "a valid API key is needed", "send it as 'Authorization: Bearer KEY' (MIO_API_KEY)")
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
