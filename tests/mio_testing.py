@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -69,3 +75,55 @@ def rewired_checkpoint(tiny_model: Path, folder: Path, rows: Callable[[Any, Any]
     weights["lm_head.weight"] = head
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
+
+
+# ---- a real `mio serve` for the server, OpenAI and playground tests --------------------------------
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model: Path, *extra: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        # Its log goes to a file: a pipe nobody reads would block a busy server.
+        self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by stop)
+        self.process = subprocess.Popen([*MIO_COMMAND, "serve", "--model", str(model), "--device", "cpu", "--port",
+                                         str(self.port), *extra], stderr=self.log, text=True,
+                                        env={**os.environ, **(env or {})})
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and self.process.poll() is None:
+            try:
+                self.get("/health")  # any answer (a 401 with a key) means it listens
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise RuntimeError(f"mio serve did not start: {self.stop()}")
+
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=300)
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.read()
+
+    def get(self, path: str) -> tuple[int, bytes]:
+        return self.request("GET", path)
+
+    def post(self, path: str, body: object, headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return self.request("POST", path, data, {"Content-Type": "application/json", **(headers or {})})
+
+    def health(self) -> dict:
+        return json.loads(self.get("/health")[1])
+
+    def stop(self) -> str:
+        """SIGTERM, wait, and the server's log."""
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=120)
+        self.log.seek(0)
+        log = self.log.read()
+        self.log.close()
+        return log

@@ -30,7 +30,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the machine
     pytest.skip(f"the playground test needs selenium ({exc})", allow_module_level=True)
 
-from test_server import Server  # noqa: E402 (the same real-server helper as the server tests)
+from mio_testing import Server  # noqa: E402
 
 RUN_TIMEOUT_S = 300
 TEXT = {"max-new-tokens": "8", "seed": "0"}
