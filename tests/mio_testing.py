@@ -84,6 +84,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def _environment_without_mio() -> dict[str, str]:
+    """This environment without a model, server or key a developer may have set for their own use."""
+    return {k: v for k, v in os.environ.items() if k not in ("MIO_MODEL", "MIO_SERVER", "MIO_API_KEY")}
+
+
 class Server:
     def __init__(self, model: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
@@ -92,7 +97,7 @@ class Server:
         self.log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (closed by stop)
         self.process = subprocess.Popen([*MIO_COMMAND, "serve", "--model", str(model), "--device", "cpu", "--port",
                                          str(self.port), *extra], stderr=self.log, text=True,
-                                        env={**os.environ, **(env or {})})
+                                        env={**_environment_without_mio(), **(env or {})})
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and self.process.poll() is None:
             try:

@@ -9,10 +9,6 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -26,7 +22,7 @@ import pytest
 import soundfile
 from PIL import Image
 
-from mio_testing import MIO_COMMAND, one_torch_thread  # noqa: F401 (autouse fixture)
+from mio_testing import Server, one_torch_thread  # noqa: F401 (autouse fixture)
 from miocli import Mio
 from miocli.pipeline import Prompt
 
@@ -38,47 +34,17 @@ PIXELS = {"max_new_tokens": 40, "beams": 1, "seed": 0, "steps": 2}
 SPEECH = {"max_new_tokens": 12, "seed": 0}
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
-def server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server(tiny_model: Path) -> Iterator[str]:
     """`mio serve` on the tiny model, on a free loopback port, stopped with SIGTERM at the end."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {k: v for k, v in os.environ.items() if k not in ("MIO_MODEL", "MIO_API_KEY", "MIO_SERVER")}
     # One torch thread: the tiny model's ops are too small to gain from more on a shared machine.
-    env["OMP_NUM_THREADS"] = "1"
-    with log.open("wb") as sink:
-        process = subprocess.Popen([*MIO_COMMAND, "serve", "--model", str(tiny_model), "--device", "cpu",
-                                    "--port", str(port)], stdout=sink, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
+    running = Server(tiny_model, env={"OMP_NUM_THREADS": "1"})
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"mio serve exited with {process.returncode}:\n{log.read_text()}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
-                    if json.load(response)["status"] == "ok":
-                        break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"mio serve did not answer /health in 120 s:\n{log.read_text()}")
-                time.sleep(0.2)
-        yield url
+        yield running.url
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        log = running.stop()
     # After the yield, so that a failing test still stops the server first.
-    assert "Traceback" not in log.read_text(), log.read_text()
+    assert "Traceback" not in log, log
 
 
 @pytest.fixture(scope="module")

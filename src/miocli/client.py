@@ -186,8 +186,3 @@ def _last_user(messages: Any) -> str:
         return messages
     users = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
     return str(users[-1]) if users else ""
-
-
-def server_from_environment(flag: str | None) -> RemoteMio | None:
-    url = flag or os.environ.get("MIO_SERVER")
-    return RemoteMio(url) if url else None
