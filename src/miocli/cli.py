@@ -550,11 +550,14 @@ def detokenize(
     mio = opts.make_mio(quantize="none")
     failures = 0
     for name, stem, text in sources:
-        target = str(Path(output) / f"{stem}{default_suffix(text, embeddings_only)}") if several else output
+        from miocli import protocol
+
+        parsed = protocol.parse_output(text, extract=False)  # once: a token file can be megabytes
+        target = str(Path(output) / f"{stem}{default_suffix(parsed, embeddings_only)}") if several else output
         if several:
             Path(output).mkdir(parents=True, exist_ok=True)
         try:
-            written = run_detokenize(mio, text, target, embeddings_only=embeddings_only, overwrite=overwrite,
+            written = run_detokenize(mio, parsed, target, embeddings_only=embeddings_only, overwrite=overwrite,
                                      seed=seed, **_pixels(steps, guidance, size))
         except MioError as exc:
             if not several:

@@ -20,17 +20,19 @@ IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"
 AUDIO_FORMATS = {".wav": "wav", ".flac": "flac"}
 
 
-def run_detokenize(mio: Any, text: str, output: str, *, embeddings_only: bool, overwrite: bool, seed: int | None,
-                   steps: int, guidance: float, size: int) -> list[str]:
-    """Decode one token text into `output` (and NAME-2, … for more segments); returns what was written."""
-    parsed = protocol.parse_output(text, extract=False)
+def run_detokenize(mio: Any, text: str | protocol.ParsedOutput, output: str, *, embeddings_only: bool,
+                   overwrite: bool, seed: int | None, steps: int, guidance: float, size: int) -> list[str]:
+    """Decode one token text (or its parse) into `output` (and NAME-2, … for more segments); returns what was
+    written."""
+    parsed = protocol.parse_output(text, extract=False) if isinstance(text, str) else text
     for problem in parsed.problems:
         print(f"mio: warning: malformed {problem.kind} segment: {problem.reason}", file=sys.stderr)
     if not parsed.images and not parsed.speeches:
         raise UsageError("no complete <image>…</image> or <spch>…</spch> segment in the input")
     if parsed.images and embeddings_only:
         _format(output, {".npy": "npy"}, "the embeddings", ".npy")
-        [result] = mio.stream("detokenize", [Item("tokens", {"tokens": text})], embeddings_only=True, seed=seed)
+        tokens = "".join(segment.raw for segment in parsed.images)
+        [result] = mio.stream("detokenize", [Item("tokens", {"tokens": tokens})], embeddings_only=True, seed=seed)
         result.raise_for_error()
         return [write_single_file(output, lambda handle: _save_npy(handle, result.embeddings), overwrite=overwrite)]
     segments = [s.raw for s in parsed.images] or [s.raw for s in parsed.speeches]
@@ -59,9 +61,8 @@ def run_detokenize(mio: Any, text: str, output: str, *, embeddings_only: bool, o
     return written
 
 
-def default_suffix(text: str, embeddings_only: bool) -> str:
+def default_suffix(parsed: protocol.ParsedOutput, embeddings_only: bool) -> str:
     """The file type of one input's output in a folder: .png for images, .wav for speech, .npy for embeddings."""
-    parsed = protocol.parse_output(text, extract=False)
     if parsed.images:
         return ".npy" if embeddings_only else ".png"
     return ".wav"
