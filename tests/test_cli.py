@@ -231,15 +231,6 @@ def test_cuda_without_cuda(tiny_model):
     assert done.exit_code == 3 and "CUDA is not available" in done.stderr
 
 
-def test_quantize_without_usable_bitsandbytes(tiny_model, tmp_path):
-    broken = tmp_path / "site" / "bitsandbytes"
-    broken.mkdir(parents=True)
-    (broken / "__init__.py").write_text("raise OSError('libbitsandbytes_cpu.so: cannot open shared object file')\n")
-    done = run_mio("chat", "hi", "--model", str(tiny_model), "--quantize", "4bit",
-                   env={"PYTHONPATH": str(tmp_path / "site")})
-    _assert_clean_error(done, 3, "bitsandbytes", "--quantize none")
-
-
 def test_debug_shows_traceback(tmp_path):
     done = run_mio("chat", "hi", "--model", str(tmp_path / "nope"), "--debug")
     assert done.returncode != 0 and "Traceback" in done.stderr

@@ -224,11 +224,13 @@ def logits_of(runtime: Runtime) -> torch.Tensor:
         return runtime.llm(torch.tensor([ids])).logits.float()
 
 
+# On the CPU mio quantizes with its own layers (tests/test_quantize.py); bitsandbytes is the CUDA path.
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes quantizes on CUDA devices only")
 @pytest.mark.parametrize("mode", ["4bit", "8bit"])
 def test_quantized_llm_has_bitsandbytes_layers(tiny_model: Path, reference_logits: torch.Tensor, mode: str):
     import bitsandbytes as bnb
 
-    runtime = Runtime(RuntimeOptions(model=str(tiny_model), quantize=mode))
+    runtime = Runtime(RuntimeOptions(model=str(tiny_model), quantize=mode, device="cuda"))
     llm = runtime.llm
     layer_type = bnb.nn.Linear4bit if mode == "4bit" else bnb.nn.Linear8bitLt
     decoder_linears = [m for name, m in llm.named_modules() if name.startswith("model.layers.")

@@ -26,12 +26,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from miocli import checkpoint, protocol
+from miocli import checkpoint, memory, protocol
 from miocli.errors import EnvironmentProblem, ModelError, UsageError
 
 if TYPE_CHECKING:
     import torch
 
+    from miocli.memory import LlmSize
     from miocli.tokenizer import MioTokenizer
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
@@ -50,6 +51,9 @@ class RuntimeOptions:
     dtype: str = "auto"
     quantize: str = "auto"
     verbose: bool = False
+    # What runs the LLM (miocli.engines): "transformers" here, "vllm" in-process, or a `vllm serve` at engine_url.
+    engine: str = "transformers"
+    engine_url: str | None = None
 
 
 def validate_options(options: RuntimeOptions) -> None:
@@ -83,14 +87,46 @@ def resolve_device(spec: str) -> torch.device:
     return device
 
 
-def resolve_dtype(spec: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(spec: str, device: torch.device, llm: LlmSize | None = None, free: int | None = None) -> torch.dtype:
+    """The LLM's dtype. auto: bf16 (or fp16) on CUDA; on the CPU see `cpu_auto_dtype`."""
     import torch
 
     if spec == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
+        return cpu_auto_dtype(llm, free)
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec]
+
+
+# Below this the float32 LLM is cheap and stays reference-exact (the tiny test checkpoints, small models).
+BF16_FROM_PARAMETERS = 1_000_000_000
+
+
+def cpu_auto_dtype(llm: LlmSize | None, free: int | None) -> torch.dtype:
+    """float32 for small LLMs (exact, cheap); bfloat16 for a large one when the CPU computes bf16 natively
+    (AVX512-BF16 or AMX: half the memory and faster, docs/performance.md), or when float32 would not fit."""
+    import torch
+
+    if llm is None:
+        return torch.float32
+    if llm.parameters >= BF16_FROM_PARAMETERS and cpu_has_bf16():
+        return torch.bfloat16
+    if free and memory.llm_bytes(llm, "float32", "none") > free >= memory.llm_bytes(llm, "bfloat16", "none"):
+        return torch.bfloat16
+    return torch.float32
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has bf16 arithmetic (AVX512-BF16 or AMX-BF16)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 def resolve_quantize(spec: str, device: torch.device, weight_bytes: int = LLM_FP16_BYTES) -> str:
@@ -102,7 +138,8 @@ def resolve_quantize(spec: str, device: torch.device, weight_bytes: int = LLM_FP
 
         free, _total = torch.cuda.mem_get_info(device)
         return "4bit" if free < weight_bytes * HEADROOM else "none"
-    if spec in ("8bit", "4bit"):
+    if spec in ("8bit", "4bit") and device.type != "cpu":
+        # The CPU has its own weight-only path (miocli.quantize); bitsandbytes is for CUDA.
         problem = bitsandbytes_problem(device)
         if problem:
             raise EnvironmentProblem(f"--quantize {spec} needs bitsandbytes, which cannot run here: {problem}",
@@ -217,6 +254,13 @@ class Runtime:
     _failures: dict[tuple[str, frozenset[str]], ModelError] = field(default_factory=dict)
     # Components whose folder checks passed (Runtime.require).
     _checked: set[str] = field(default_factory=set)
+    # A server or a worker keeps what fits; a one-shot command also releases what it no longer needs
+    # once memory is tight, so its peak is its largest phase (miocli.memory).
+    long_lived: bool = False
+    # Estimated resident bytes of each loaded model component, and those a step is using right now.
+    _held: dict[str, int] = field(default_factory=dict)
+    _in_use: dict[str, int] = field(default_factory=dict)
+    released: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         validate_options(self.options)
@@ -244,8 +288,78 @@ class Runtime:
     @property
     def dtype(self) -> torch.dtype:
         if "dtype" not in self._components:
-            self._components["dtype"] = resolve_dtype(self.options.dtype, self.device)
+            size = free = None
+            if self.options.dtype == "auto" and self.device.type == "cpu":
+                config = memory.llm_config(self.model_dir)
+                size = memory.llm_size(config) if config is not None else None
+                free = self.budget().free
+            self._components["dtype"] = resolve_dtype(self.options.dtype, self.device, size, free)
         return self._components["dtype"]
+
+    # ---- memory ----------------------------------------------------------------------------------
+    def budget(self) -> memory.Budget:
+        """What is free for the next component (MIO_MEMORY_LIMIT caps it, less what is loaded)."""
+        free, total = memory.free_memory(self.device)
+        cap = memory.limit()
+        if cap is not None:
+            free = min(free, max(0, cap - sum(self._held.values()))) if total else cap - sum(self._held.values())
+            total = min(total, cap) if total else cap
+        where = "RAM" if self.device.type == "cpu" else f"{self.device} VRAM"
+        return memory.Budget(max(0, free), total, where)
+
+    @contextlib.contextmanager
+    def using(self, *names: str) -> Iterator[None]:
+        """Marks components a step is using: making room for another never releases them meanwhile."""
+        for name in names:
+            self._in_use[name] = self._in_use.get(name, 0) + 1
+        try:
+            yield
+        finally:
+            for name in names:
+                self._in_use[name] -= 1
+                if not self._in_use[name]:
+                    del self._in_use[name]
+
+    def make_room(self, name: str, need: int, what: str, choices: Iterable[memory.Choice] = ()) -> None:
+        """Before loading `name` (about `need` bytes): release what the step does not use when memory is
+        tight, and refuse (exit 3, naming what fits) when it cannot fit at all."""
+        budget = self.budget()
+        if not budget.total:
+            return  # this platform does not say: nothing to decide on
+        # A component coming back after it was released for room: the run needs both in turn (a job of many
+        # batches). Releasing again just to keep the reserve would reload one of them every batch; keep what fits.
+        reserve = 0 if name in self.released else memory.reserve_for(budget.total, self.long_lived)
+        others = {k: v for k, v in self._held.items() if k != name}
+        released = memory.to_release(need, budget.free, others, self._in_use, reserve)
+        for other in released:
+            self.release(other, reason=f"to make room for {name}")
+        if released:
+            budget = self.budget()
+        if need > budget.free:
+            message, hint = memory.refusal(what, need, budget, choices, released)
+            raise EnvironmentProblem(message, hint=hint)
+        self.log(f"{name}: about {memory.format_bytes(need)} needed, {memory.format_bytes(budget.free)} of "
+                 f"{budget.where} free")
+
+    def release(self, name: str, reason: str = "") -> None:
+        """Drop one loaded component now (it loads again when next asked for)."""
+        self._components.pop(name, None)
+        self._held.pop(name, None)
+        self.loads[:] = [r for r in self.loads if r.component != name]
+        self.released.append(name)
+        import gc
+
+        gc.collect()
+        if "torch" in sys.modules and sys.modules["torch"].cuda.is_available():
+            sys.modules["torch"].cuda.empty_cache()
+        self.log(f"released {name}{f' {reason}' if reason else ''}")
+
+    def _estimate(self, name: str, compute: Callable[[], int]) -> int | None:
+        """An estimate, or None when the files cannot tell (the load reports broken files itself)."""
+        try:
+            return compute()
+        except Exception:  # a damaged file: its load gives the real error
+            return None
 
     def log(self, message: str) -> None:
         if self.options.verbose:
@@ -269,8 +383,12 @@ class Runtime:
     def _timed_load(self, name: str, loader: Any, detail: str = "") -> Any:
         rss_before = memory_in_use()
         start = time.perf_counter()
-        with library_stdio():
-            component = loader()
+        try:
+            with library_stdio():
+                component = loader()
+        except BaseException:
+            self._held.pop(name, None)
+            raise
         seconds = time.perf_counter() - start
         parameters = _count_parameters(component)
         record = LoadRecord(name, seconds, memory_in_use() - rss_before, parameters, detail,
@@ -323,6 +441,15 @@ class Runtime:
         checkpoint.require_components(self.model_dir, [checkpoint.LLM])
         quantize = resolve_quantize(self.options.quantize, self.device)
         vocabulary = self.tokenizer.vocab_size
+        config = memory.llm_config(self.model_dir)
+        if config is not None:
+            size = memory.llm_size(config)
+            dtype = str(llm_compute_dtype(self.dtype, quantize)).replace("torch.", "")
+            need = memory.llm_bytes(size, dtype, quantize)
+            label = f"quantize {quantize}" if quantize != "none" else dtype
+            self.make_room("llm", need, f"the LLM ({size.parameters / 1e9:.2f} B parameters, {label}, {self.device})",
+                           memory.llm_choices(size, self.device.type, self.device.type == "cuda" or cpu_has_bf16()))
+            self._held["llm"] = need
         return self._timed_load(
             "llm", lambda: load_llm(self.model_dir, self.device, self.dtype, quantize, tokenizer_vocab=vocabulary),
             detail=f"{self.device}, {str(llm_compute_dtype(self.dtype, quantize)).replace('torch.', '')}, "
@@ -338,6 +465,12 @@ class Runtime:
 
         def load() -> Any:
             checkpoint.require_components(self.model_dir, [component])
+            need = self._estimate(name, lambda: self._codec_bytes(name, wanted))
+            if need is not None:
+                if cached is not None:  # the smaller copy goes before the larger one loads
+                    self.release(name, reason="to load it with more parts")
+                self.make_room(name, need, f"{_LABELS[name]} ({'+'.join(sorted(wanted))}, {self.device})")
+                self._held[name] = need
             return self._timed_load(name, lambda: loader(wanted), detail="+".join(sorted(wanted)))
 
         codec = self._once(name, wanted, load)
@@ -369,11 +502,26 @@ class Runtime:
 
             def load() -> Any:
                 checkpoint.require_components(self.model_dir, [checkpoint.UNCLIP])
+                # Half precision on the CPU is slow or missing for convolutions: the decoder runs float32 there.
+                dtype = "float32" if self.device.type == "cpu" else str(self.dtype).replace("torch.", "")
+                folder = self.model_dir / checkpoint.UNCLIP_FOLDER
+                need = self._estimate("unclip", lambda: memory.codec_bytes(memory.unclip_elements(folder), dtype,
+                                                                           memory.UNCLIP_FIXED))
+                if need is not None:
+                    self.make_room("unclip", need, f"the unCLIP image decoder ({dtype}, {self.device})")
+                    self._held["unclip"] = need
                 return self._timed_load("unclip", lambda: UnclipDecoder.load(
                     self.model_dir / checkpoint.UNCLIP_FOLDER, device=self.device, dtype=self.dtype))
 
             self._components["unclip"] = self._once("unclip", frozenset(), load)
         return self._components["unclip"]
+
+    def _codec_bytes(self, name: str, parts: frozenset[str]) -> int:
+        if name == "seed":
+            dtype = self.dtype if self.device.type == "cuda" else self.cpu_codec_dtype()
+            elements = memory.seed_elements(self.model_dir / "seed-tokenizer-2", parts)
+            return memory.codec_bytes(elements, str(dtype).replace("torch.", ""))
+        return memory.codec_bytes(memory.speech_elements(self.model_dir / "SpeechTokenizer", parts), "float32")
 
     def cpu_codec_dtype(self) -> torch.dtype:
         import torch
@@ -389,6 +537,7 @@ class Runtime:
         for name in ("llm", "seed", "speech", "unclip", "tokenizer"):
             self._components.pop(name, None)
         self.loads.clear()
+        self._held.clear()
         # Files repaired while idle get their chance at the next load.
         self._failures.clear()
         self._checked.clear()
@@ -400,16 +549,23 @@ class Runtime:
         return names
 
 
+_LABELS = {"seed": "the SEED image tokenizer", "speech": "the SpeechTokenizer"}
+
+
 def _count_parameters(component: Any) -> int:
+    # mio's quantized CPU layers keep their weights as buffers: counted here as the weights they stand for
+    modules = getattr(component, "modules", None)
+    quantized = sum(m.in_features * m.out_features for m in modules() if getattr(m, "mio_quantized", False)) \
+        if callable(modules) else 0
     counter = getattr(component, "num_parameters", None)
     if callable(counter):
         try:
-            return int(counter())
+            return int(counter()) + quantized
         except TypeError:
             pass
     parameters = getattr(component, "parameters", None)
     if callable(parameters):
-        return sum(p.numel() for p in parameters())
+        return sum(p.numel() for p in parameters()) + quantized
     return 0
 
 
@@ -606,6 +762,8 @@ def load_llm(model_dir: Path, device: torch.device, dtype: torch.dtype, quantize
         check_vocabulary(config, tokenizer_vocab, model_dir)
     # Never code from the folder, whatever its config asks (checkpoint refuses such folders first).
     kwargs: dict[str, Any] = {"local_files_only": True, "trust_remote_code": False}
+    if quantize in ("8bit", "4bit") and device.type == "cpu":
+        return _load_llm_quantized_cpu(model_dir, config, quantize, tokenizer_vocab)
     if quantize in ("8bit", "4bit"):
         from transformers import BitsAndBytesConfig
 
@@ -632,6 +790,27 @@ def load_llm(model_dir: Path, device: torch.device, dtype: torch.dtype, quantize
     finally:
         hf_logging.set_verbosity(verbosity)
     model.eval()
+    _check_rows(model, model_dir, tokenizer_vocab)
+    return model
+
+
+def _load_llm_quantized_cpu(model_dir: Path, config: Any, quantize: str, tokenizer_vocab: int | None) -> Any:
+    """8-bit or 4-bit weight-only on the CPU, quantized tensor by tensor as it loads (miocli.quantize)."""
+    from miocli.quantize import load_quantized_llm
+
+    try:
+        with warnings.catch_warnings(), library_stdio():
+            warnings.simplefilter("ignore")
+            model = load_quantized_llm(model_dir, config, 8 if quantize == "8bit" else 4)
+    except ModelError:
+        raise
+    except Exception as exc:  # corrupt weight files raise library-specific errors
+        raise _llm_load_error(model_dir, config, exc) from exc
+    _check_rows(model, model_dir, tokenizer_vocab)
+    return model
+
+
+def _check_rows(model: Any, model_dir: Path, tokenizer_vocab: int | None) -> None:
     if tokenizer_vocab is not None:
         heads = [model.get_input_embeddings(), model.get_output_embeddings()]
         rows = min(int(head.weight.shape[0]) for head in heads if head is not None)
@@ -639,7 +818,6 @@ def load_llm(model_dir: Path, device: torch.device, dtype: torch.dtype, quantize
             raise ModelError(f"the LLM in {model_dir} has {rows} token embeddings but its tokenizer has "
                              f"{tokenizer_vocab} tokens",
                              hint="the LLM and the tokenizer files come from different models; " + LLM_REDOWNLOAD_HINT)
-    return model
 
 
 def _llm_load_error(model_dir: Path, config: Any, exc: Exception) -> ModelError:

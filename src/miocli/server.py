@@ -124,6 +124,8 @@ class Worker:
 
     def __init__(self, mio: Any, settings: ServeSettings) -> None:
         self.mio = mio
+        # A warm server keeps every component that fits (a one-shot command releases sooner).
+        mio.runtime.long_lived = True
         self.settings = settings
         self.pending: list[Job] = []
         self.lock = threading.Condition()

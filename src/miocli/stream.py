@@ -236,10 +236,13 @@ class Run:
         for group in by_task.values():
             prompts = [prompt for p in group for prompt in p.prompts]
             samples = [p.item.sample for p in group for _ in p.prompts]
-            generated = self.mio.engine.run(
-                group[0].task, prompts, overrides=options.overrides(), batch_size=options.batch_size,
-                seed=options.seed, samples=samples, constrain=options.constrain, on_tokens=on_tokens,
-            )
+            # The LLM is in use until its answers are out: a component loaded meanwhile (an interleaved
+            # story's images) never releases it.
+            with self.runtime.using("llm"):
+                generated = self.mio.engine.run(
+                    group[0].task, prompts, overrides=options.overrides(), batch_size=options.batch_size,
+                    seed=options.seed, samples=samples, constrain=options.constrain, on_tokens=on_tokens,
+                )
             start = 0
             for pending in group:
                 pending.generated = generated[start : start + len(pending.prompts)]

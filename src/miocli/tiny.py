@@ -55,8 +55,12 @@ _CORPUS_LINES = [
 ]
 
 
-def build_tiny_llm(model_dir: Path, seed: int = 0, variant: str = "instruct") -> None:
-    """Tokenizer files and a tiny LlamaForCausalLM with MIO's vocabulary layout."""
+def build_tiny_llm(model_dir: Path, seed: int = 0, variant: str = "instruct", hidden_size: int = 64) -> None:
+    """Tokenizer files and a tiny LlamaForCausalLM with MIO's vocabulary layout.
+
+    Its 4 attention heads are `hidden_size / 4` wide: 128 gives head size 32, the smallest vLLM's
+    CPU attention accepts (the engine tests use it).
+    """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging as hf_logging
@@ -65,8 +69,8 @@ def build_tiny_llm(model_dir: Path, seed: int = 0, variant: str = "instruct") ->
     vocab_size = write_tiny_tokenizer(model_dir)
     config = LlamaConfig(
         vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -87,8 +91,12 @@ def build_tiny_llm(model_dir: Path, seed: int = 0, variant: str = "instruct") ->
     config_path.write_text(json.dumps(data, indent=2))
 
 
-def write_tiny_tokenizer(model_dir: Path) -> int:
-    """Write a Yi-style sentencepiece tokenizer plus every MIO added token; returns the vocab size."""
+def write_tiny_tokenizer(model_dir: Path, base_vocab: int | None = None) -> int:
+    """Write a Yi-style sentencepiece tokenizer plus every MIO added token; returns the vocab size.
+
+    `base_vocab` pads the sentencepiece model with unused pieces to that many (Yi's 64,000 for a
+    real-size checkpoint), so the media tokens get their real ids.
+    """
     import sentencepiece
 
     model_dir.mkdir(parents=True, exist_ok=True)
@@ -118,6 +126,8 @@ def write_tiny_tokenizer(model_dir: Path) -> int:
         minloglevel=2,
     )
     proto = buffer.getvalue()
+    if base_vocab is not None:
+        proto = _pad_pieces(proto, base_vocab)
     (model_dir / "tokenizer.model").write_bytes(proto)
     sp = sentencepiece.SentencePieceProcessor(model_proto=proto)
     next_id = sp.GetPieceSize()
@@ -157,6 +167,20 @@ def write_tiny_tokenizer(model_dir: Path) -> int:
     (model_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=1))
     (model_dir / "special_tokens_map.json").write_text(json.dumps(special_map, indent=1))
     return next_id + len(added)
+
+
+def _pad_pieces(proto: bytes, size: int) -> bytes:
+    """The sentencepiece model with UNUSED pieces appended up to `size` (encoding never produces them)."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(proto)
+    for number in range(len(model.pieces), size):
+        piece = model.pieces.add()
+        piece.piece = f"<unused{number}>"
+        piece.score = 0.0
+        piece.type = sentencepiece_model_pb2.ModelProto.SentencePiece.UNUSED
+    return model.SerializeToString()
 
 
 def build_tiny_checkpoint(

@@ -1,0 +1,166 @@
+"""--quantize 8bit / 4bit on the CPU: mio's weight-only layers, loaded tensor by tensor (miocli.quantize).
+
+Correctness on the tiny checkpoint: the layers compute what their dequantized weights compute, the model
+stays close to the unquantized one, it holds less memory, and `mio chat --quantize 4bit` answers without
+bitsandbytes (which the CPU path does not use).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mio_testing import one_torch_thread, run_mio  # noqa: F401  (autouse fixture)
+from miocli.quantize import Int4Linear, Int8Linear, int4_group_size, read_tensors
+from miocli.runtime import Runtime, RuntimeOptions
+
+
+def dequantize_int4(layer: Int4Linear, levels: torch.Tensor) -> torch.Tensor:
+    scale, zero = layer.scales_and_zeros.float().unbind(-1)  # (groups, out)
+    groups = levels.reshape(layer.out_features, -1, layer.group_size).float()
+    return ((groups - 8) * scale.T[:, :, None] + zero.T[:, :, None]).reshape(layer.out_features, -1)
+
+
+def test_int8_layer_computes_its_dequantized_weight():
+    torch.manual_seed(0)
+    weight = torch.randn(96, 256) * 0.02
+    layer = Int8Linear(256, 96, bias=False)
+    layer.set_weight(weight)
+    assert layer.weight.dtype == torch.int8 and layer.weight.shape == (96, 256)
+    x = torch.randn(3, 5, 256, dtype=torch.bfloat16)
+    expected = x.float() @ layer.dequantized().T
+    assert torch.allclose(layer(x).float(), expected, rtol=0.02, atol=0.02)
+    # and stays close to the original weight: one step of 1/127 of each row's largest value
+    assert (layer.dequantized() - weight).abs().max() <= weight.abs().amax(1).max() / 127
+
+
+def test_int4_layer_packs_two_weights_a_byte_and_computes_its_dequantized_weight():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 256) * 0.02
+    layer = Int4Linear(256, 64, bias=True, group_size=128)
+    layer.bias = torch.nn.Parameter(torch.randn(64, dtype=torch.bfloat16), requires_grad=False)
+    layer.set_weight(weight)
+    assert layer.weight.dtype == torch.uint8 and layer.weight.numel() * 2 == 64 * 256
+    groups = weight.to(torch.bfloat16).float().reshape(64, 2, 128)
+    low = groups.amin(-1, keepdim=True)
+    scale = ((groups.amax(-1, keepdim=True) - low) / 15).clamp(min=1e-8)
+    levels = ((groups - low) / scale).round().clamp(0, 15).reshape(64, 256)
+    dequantized = dequantize_int4(layer, levels)
+    assert (dequantized - weight).abs().max() <= scale.max() * 0.51 + 1e-3
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    expected = x.float() @ dequantized.T + layer.bias.float()
+    assert torch.allclose(layer(x).float(), expected, rtol=0.02, atol=0.02)
+
+
+def test_int4_group_size_fits_the_layer():
+    assert int4_group_size(4096, 11008) == 128
+    assert int4_group_size(64, 32) == 64
+    assert int4_group_size(48, 32) is None  # no kernel group divides 48: the layer stays bf16
+    assert int4_group_size(128, 12) is None
+
+
+def test_tensors_are_read_without_mapping_the_file(tmp_path: Path):
+    from safetensors.torch import save_file
+
+    tensors = {"b": torch.arange(6, dtype=torch.float32).reshape(2, 3), "a": torch.ones(4, dtype=torch.bfloat16)}
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    read = dict(read_tensors(tmp_path / "w.safetensors"))
+    assert read.keys() == tensors.keys()
+    assert all(torch.equal(read[k], tensors[k]) and read[k].dtype == tensors[k].dtype for k in tensors)
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("MIO_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def reference_logits(tiny_model: Path) -> torch.Tensor:
+    return logits_of(Runtime(RuntimeOptions(model=str(tiny_model), quantize="none")))
+
+
+def logits_of(runtime: Runtime) -> torch.Tensor:
+    ids = runtime.tokenizer.encode("<|startoftext|>The quick brown fox jumps over the lazy dog")
+    with torch.inference_mode():
+        return runtime.llm(torch.tensor([ids])).logits.float()
+
+
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_quantized_llm_on_cpu(tiny_model: Path, reference_logits: torch.Tensor, mode: str):
+    runtime = Runtime(RuntimeOptions(model=str(tiny_model), quantize=mode))
+    llm = runtime.llm
+    layer_type = Int4Linear if mode == "4bit" else Int8Linear
+    decoder = [m for name, m in llm.named_modules() if name.startswith("model.layers.")
+               and isinstance(m, torch.nn.Linear | Int4Linear | Int8Linear)]
+    assert len(decoder) == 14  # 2 layers × (q, k, v, o, gate, up, down)
+    assert all(isinstance(m, layer_type) for m in decoder)
+    # the output head and the embeddings stay bf16, as bitsandbytes keeps them
+    assert isinstance(llm.lm_head, torch.nn.Linear) and llm.lm_head.weight.dtype == torch.bfloat16
+    assert llm.get_input_embeddings().weight.dtype == torch.bfloat16
+    assert not any(p.device.type == "meta" for p in llm.parameters())
+    assert f"quantize={mode}" in runtime.loads[-1].detail and "bfloat16" in runtime.loads[-1].detail
+    dense = sum(m.in_features * m.out_features for m in decoder)
+    stored = sum(b.numel() * b.element_size() for m in decoder for b in m.buffers())
+    assert stored < dense * (0.6 if mode == "4bit" else 1.1)
+    logits = logits_of(runtime)
+    assert torch.isfinite(logits).all()
+    similarity = torch.nn.functional.cosine_similarity(logits.flatten(), reference_logits.flatten(), dim=0)
+    assert similarity > 0.98
+
+
+def test_the_first_load_keeps_the_quantized_layers_for_the_next(tiny_model: Path, tmp_path: Path, own_cache: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch):
+    # a model this small is not worth a cache file, unless the threshold says otherwise
+    assert Runtime(RuntimeOptions(model=str(tiny_model), quantize="4bit")).llm is not None
+    assert not (own_cache / "quantized").exists()
+    monkeypatch.setattr("miocli.quantize.CACHE_FROM_WEIGHTS", 0)
+    first = Runtime(RuntimeOptions(model=str(tiny_model), quantize="4bit"))
+    expected = logits_of(first)
+    [kept] = (own_cache / "quantized").glob("*-int4.safetensors")
+    # the next load reads the packed layers back: same model, the original weights of those layers unread
+    kept_bytes = kept.read_bytes()
+    again = Runtime(RuntimeOptions(model=str(tiny_model), quantize="4bit"))
+    assert torch.equal(logits_of(again), expected)
+    assert kept.read_bytes() == kept_bytes
+    # other weight files (here: a copy, so another path) get their own entry
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_model, copy, ignore=shutil.ignore_patterns("seed-*", "SpeechTokenizer", "stable-*"))
+    assert torch.equal(logits_of(Runtime(RuntimeOptions(model=str(copy), quantize="4bit"))), expected)
+    assert len(list((own_cache / "quantized").glob("*-int4.safetensors"))) == 2
+
+
+def test_chat_quantized_on_cpu_needs_no_bitsandbytes(tiny_model: Path, tmp_path: Path):
+    broken = tmp_path / "site" / "bitsandbytes"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise OSError('libbitsandbytes_cpu.so: cannot open shared object file')\n")
+    import os
+
+    path = os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])
+    done = run_mio("chat", "hi", "--model", str(tiny_model), "--quantize", "4bit", "--beams", "1",
+                   "--max-new-tokens", "3", "--verbose", env={"PYTHONPATH": path})
+    assert done.returncode == 0, done.stderr
+    assert "quantize=4bit" in done.stderr and done.stdout.strip()
+
+
+def test_cuda_quantize_without_usable_bitsandbytes_is_an_environment_problem(tmp_path: Path):
+    # bitsandbytes stays the CUDA path: when it cannot load, --quantize there is one clear error.
+    import os
+    import subprocess
+    import sys
+
+    broken = tmp_path / "site" / "bitsandbytes"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise OSError('libbitsandbytes_cuda.so: cannot open shared object file')\n")
+    code = ("import torch\nfrom miocli.runtime import resolve_quantize\nfrom miocli.errors import EnvironmentProblem\n"
+            "try:\n    resolve_quantize('4bit', torch.device('cuda'))\nexcept EnvironmentProblem as e:\n"
+            "    print(e.exit_code, e)\n")
+    path = os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": path}, timeout=120)
+    assert done.stdout.startswith("3 --quantize 4bit needs bitsandbytes"), done.stdout + done.stderr
+    assert "--quantize none" in done.stdout
