@@ -61,9 +61,14 @@ class Mio:
         dtype: str = "auto",
         quantize: str = "auto",
         verbose: bool = False,
+        engine: str = "transformers",
+        engine_url: str | None = None,
     ) -> None:
+        """`engine`: "transformers" (default, reference-exact) or "vllm" (vLLM in this process); `engine_url`:
+        a running `vllm serve` of the same checkpoint (docs/engines.md)."""
         self.runtime = Runtime(
-            RuntimeOptions(model=model, variant=variant, device=device, dtype=dtype, quantize=quantize, verbose=verbose)
+            RuntimeOptions(model=model, variant=variant, device=device, dtype=dtype, quantize=quantize, verbose=verbose,
+                           engine=engine, engine_url=engine_url)
         )
         self.engine = Engine(self.runtime)
 

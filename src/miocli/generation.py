@@ -8,6 +8,17 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 from miocli import protocol
+
+# The rule itself lives in miocli.engines.rules (pure, shared with the vLLM engines); its names stay importable here.
+from miocli.engines.rules import (
+    IMAGE,
+    IMAGE_SEGMENT_TOKENS,
+    SHORTEST_SPEECH_TOKENS,
+    SPEECH,
+    TEXT,  # noqa: F401
+    Rule,
+    SegmentState,
+)
 from miocli.errors import UsageError
 
 if TYPE_CHECKING:
@@ -97,11 +108,7 @@ def hf_generate_kwargs(settings: GenerationSettings) -> dict[str, Any]:
 
 
 # ---- constraints ------------------------------------------------------------------------------
-TEXT, IMAGE, SPEECH, DONE = "text", "image", "speech", "done"
-# New tokens a whole segment takes: `<image>`, 32 ids, `</image>`; and the shortest speech,
-# `<spch>`, one frame in each of the four parts (content, timbre0-2), `</spch>`.
-IMAGE_SEGMENT_TOKENS = protocol.IMAGE_TOKENS_PER_IMAGE + 2
-SHORTEST_SPEECH_TOKENS = 2 + protocol.SPEECH_LAYERS_IN_OUTPUT
+DONE = "done"
 
 
 def minimum_new_tokens(output: str, *, prefill: str = "") -> int:
@@ -131,17 +138,6 @@ def check_room_for_output(settings: GenerationSettings, output: str, task_name: 
         )
 
 
-@dataclass(frozen=True)
-class SegmentState:
-    """Where a row stands: in text, inside an image, or inside a speech segment (and which part)."""
-
-    where: str = TEXT
-    count: int = 0  # image tokens so far, or tokens in the current speech part
-    part: int = 0  # speech: 0 content, 1..3 timbre parts
-    content_length: int = 0  # speech: content tokens, fixed once timbre0 starts
-    started: bool = False
-
-
 class MediaVocabulary:
     """Ids of the multimodal tokens, looked up by string (never hard-coded)."""
 
@@ -160,14 +156,21 @@ class MediaVocabulary:
         self.speech_part_of = {tid: k for k, ids in enumerate(self.speech_part_ids) for tid in ids}
         self.vocab_size = tokenizer.vocab_size
 
+    def rule(self, max_new_tokens: int, *, force_first: int | None = None, allow_images: bool = True,
+             allow_speech: bool = True, max_content_tokens: int | None = None,
+             start_in_image: bool = False) -> Rule:
+        """The decodable-output rule over these ids for one generation."""
+        return Rule(self.image_begin, self.image_end, self.speech_begin, self.speech_end, tuple(self.image_ids),
+                    tuple(tuple(p) for p in self.speech_part_ids), max_new_tokens, force_first=force_first,
+                    allow_images=allow_images, allow_speech=allow_speech, max_content_tokens=max_content_tokens,
+                    start_in_image=start_in_image)
+
 
 class SegmentConstraint:
-    """Logits processor that keeps every image and speech segment decodable.
+    """The decodable-output rule (miocli.engines.rules) as a transformers logits processor.
 
-    After `<image>` exactly 32 image tokens then `</image>`; after `<spch>` content tokens until
-    the model starts timbre0 (or the content cap), then exactly as many tokens in each timbre
-    part, in order, then `</spch>`. Outside segments, stray media tokens and closers are
-    banned. `force_first` makes the answer open with a segment (an image or speech task).
+    Each row's state is replayed from its new tokens (cached by prefix, since beam search reorders
+    rows every step); disallowed tokens get -inf.
     """
 
     def __init__(
@@ -181,48 +184,20 @@ class SegmentConstraint:
         allow_speech: bool = True,
         max_content_tokens: int | None = None,
         start_in_image: bool = False,
+        rule: Rule | None = None,
     ) -> None:
         self.vocab = vocab
         self.prompt_length = prompt_length
         self.max_new_tokens = max_new_tokens
-        self.force_first = force_first
-        self.allow_images = allow_images
-        self.allow_speech = allow_speech
-        self.max_content_tokens = max_content_tokens
-        self.initial = SegmentState(IMAGE, started=True) if start_in_image else SegmentState()
+        self.rule = rule if rule is not None else vocab.rule(
+            max_new_tokens, force_first=force_first, allow_images=allow_images, allow_speech=allow_speech,
+            max_content_tokens=max_content_tokens, start_in_image=start_in_image)
+        self.initial = self.rule.initial()
         self._states: dict[bytes, SegmentState] = {}
         self._masks: dict[str, torch.Tensor] = {}
 
-    def _mask(self, name: str, ids: Callable[[], Sequence[int]], device: torch.device, width: int) -> torch.Tensor:
-        """A cached boolean mask over the vocabulary; `ids` is only called on a cache miss."""
-        key = f"{name}:{device}:{width}"
-        if key not in self._masks:
-            import torch
-
-            mask = torch.zeros(width, dtype=torch.bool, device=device)
-            mask[torch.tensor([i for i in ids() if i < width], dtype=torch.long, device=device)] = True
-            self._masks[key] = mask
-        return self._masks[key]
-
     def advance(self, state: SegmentState, token: int) -> SegmentState:
-        v = self.vocab
-        if state.where == TEXT:
-            if token == v.image_begin:
-                return SegmentState(IMAGE, started=True)
-            if token == v.speech_begin:
-                return SegmentState(SPEECH, started=True)
-            return replace(state, started=True)
-        if state.where == IMAGE:
-            if token == v.image_end:
-                return SegmentState(TEXT, started=True)
-            return replace(state, count=state.count + 1)
-        if token == v.speech_end:
-            return SegmentState(TEXT, started=True)
-        part = v.speech_part_of.get(token, state.part)
-        if part == state.part:
-            return replace(state, count=state.count + 1)
-        content_length = state.count if state.part == 0 else state.content_length
-        return replace(state, part=part, count=1, content_length=content_length)
+        return self.rule.advance(state, token)
 
     def _state_of(self, row: Any) -> SegmentState:
         generated = row[self.prompt_length :]
@@ -232,59 +207,24 @@ class SegmentConstraint:
             return state
         previous = self._states.get(generated[:-1].tobytes()) if len(generated) else None
         if previous is not None:
-            state = self.advance(previous, int(generated[-1]))
+            state = self.rule.advance(previous, int(generated[-1]))
         else:
-            state = self.initial
-            for token in generated:
-                state = self.advance(state, int(token))
+            state = self.rule.state_after(generated)
         self._states[key] = state
         return state
 
     def allowed(self, state: SegmentState, generated: int, device: torch.device, width: int) -> torch.Tensor:
-        v = self.vocab
-        remaining = self.max_new_tokens - generated
-        if not state.started and self.force_first is not None:
-            return self._mask(f"only{self.force_first}", lambda: [self.force_first], device, width)
-        if state.where == IMAGE:
-            if state.count < protocol.IMAGE_TOKENS_PER_IMAGE:
-                return self._mask("img", lambda: v.image_ids, device, width)
-            return self._mask("img_end", lambda: [v.image_end], device, width)
-        if state.where == SPEECH:
-            return self._speech_allowed(state, remaining, device, width)
-        # Opening a segment needs room to close it: 34 tokens for an image, 6 for the shortest speech.
-        image_ok = self.allow_images and remaining >= IMAGE_SEGMENT_TOKENS
-        speech_ok = self.allow_speech and remaining >= SHORTEST_SPEECH_TOKENS
-        key = f"text_allowed:{image_ok}:{speech_ok}"
+        """A cached boolean mask over the vocabulary of what may follow `state`."""
+        allowed = self.rule.allowed(state, generated)
+        key = f"{allowed.key}:{device}:{width}"
+        if key not in self._masks:
+            import torch
 
-        def allowed_ids() -> list[int]:
-            banned = set(v.image_ids) | {v.image_end, v.speech_end} | set(v.speech_part_of)
-            if not image_ok:
-                banned.add(v.image_begin)
-            if not speech_ok:
-                banned.add(v.speech_begin)
-            return [i for i in range(width) if i not in banned]
-
-        return self._mask(key, allowed_ids, device, width)
-
-    def _speech_allowed(self, state: SegmentState, remaining: int, device: torch.device, width: int) -> torch.Tensor:
-        v = self.vocab
-        layers = protocol.SPEECH_LAYERS_IN_OUTPUT
-        if state.part == 0:
-            if state.count == 0:
-                return self._mask("spch0", lambda: v.speech_part_ids[0], device, width)
-            # Another content token must leave room for three timbre parts of the new length
-            # and the closer: 1 + 3 * (count + 1) + 1 tokens.
-            can_extend = 3 * state.count + 5 <= remaining and (
-                self.max_content_tokens is None or state.count < self.max_content_tokens
-            )
-            if not can_extend:
-                return self._mask("spch1", lambda: v.speech_part_ids[1], device, width)
-            return self._mask("spch01", lambda: v.speech_part_ids[0] + v.speech_part_ids[1], device, width)
-        if state.count < state.content_length:
-            return self._mask(f"spch{state.part}", lambda: v.speech_part_ids[state.part], device, width)
-        if state.part < layers - 1:
-            return self._mask(f"spch{state.part + 1}", lambda: v.speech_part_ids[state.part + 1], device, width)
-        return self._mask("spch_end", lambda: [v.speech_end], device, width)
+            mask = torch.full((width,), allowed.complement, dtype=torch.bool, device=device)
+            ids = [i for i in allowed.ids if i < width]
+            mask[torch.tensor(ids, dtype=torch.long, device=device)] = not allowed.complement
+            self._masks[key] = mask
+        return self._masks[key]
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         rows = input_ids.cpu().numpy()

