@@ -237,7 +237,7 @@ def _interactive(mio: Any, history: list[dict[str, Any]], mode: str, system: str
 
 
 @app.command()
-@with_options("runtime", "generation", "batch", "json", "prompt", "output")
+@with_options("runtime", "ray", "generation", "batch", "json", "prompt", "output")
 def generate(
     prompts: Annotated[list[str], typer.Argument(help="Raw prompts ('-' reads one prompt per line from stdin).")],
     raw_tokens: Annotated[bool, typer.Option("--raw-tokens", help="For hand-built prompts: read token strings "
@@ -394,7 +394,7 @@ def _pixels(steps: int, guidance: float, size: int) -> dict[str, Any]:
 
 
 @app.command()
-@with_options("runtime", "generation", "batch", "json", "prompt", "output", batch_size=8)
+@with_options("runtime", "ray", "generation", "batch", "json", "prompt", "output", batch_size=8)
 def caption(
     images: Annotated[list[str], typer.Argument(help="Image files, folders, globs, or '-' (paths on stdin).")],
     recursive: RecursiveOpt = False,
@@ -411,7 +411,7 @@ def caption(
 
 
 @app.command()
-@with_options("runtime", "generation", "json", "prompt")
+@with_options("runtime", "ray", "generation", "json", "prompt")
 def ask(
     media: Annotated[str, typer.Argument(help="An image, audio or video file.")],
     question: Annotated[str, typer.Argument(help="The question or instruction.")],
@@ -435,7 +435,7 @@ def ask(
 
 
 @app.command()
-@with_options("runtime", "generation", "batch", "json", "prompt", "output")
+@with_options("runtime", "ray", "generation", "batch", "json", "prompt", "output")
 def imagine(
     prompts: Annotated[list[str], typer.Argument(help="What to draw ('-' reads one per line from stdin).")],
     count: Annotated[int, typer.Option("-n", "--count", help="Images per prompt.")] = 1,
@@ -455,7 +455,7 @@ def imagine(
 
 
 @app.command()
-@with_options("runtime", "generation", "json", "prompt", "write")
+@with_options("runtime", "ray", "generation", "json", "prompt", "write")
 def edit(
     image: Annotated[str, typer.Argument(help="The image to edit.")],
     instruction: Annotated[str, typer.Argument(help="What to change.")],
@@ -479,7 +479,7 @@ def edit(
 
 
 @app.command()
-@with_options("codec", "json")
+@with_options("codec", "ray", "json")
 def tokenize(
     media: Annotated[list[str], typer.Argument(help="Image or audio files, folders, globs, or '-' (paths on "
                                                "stdin).")],
@@ -578,7 +578,7 @@ def detokenize(
 
 
 @app.command()
-@with_options("runtime", "generation", "batch", "json", "prompt", "output")
+@with_options("runtime", "ray", "generation", "batch", "json", "prompt", "output")
 def asr(
     audio: Annotated[list[str], typer.Argument(help="Audio files, folders, globs, or '-' (paths on stdin).")],
     recursive: RecursiveOpt = False,
@@ -592,7 +592,7 @@ def asr(
 
 
 @app.command()
-@with_options("runtime", "generation", "batch", "json", "prompt", "output")
+@with_options("runtime", "ray", "generation", "batch", "json", "prompt", "output")
 def tts(
     texts: Annotated[list[str] | None, typer.Argument(help="Text to speak ('-' reads one per line).")] = None,
     text_file: Annotated[Path | None, typer.Option("--text-file", help="One utterance per line.")] = None,
@@ -610,7 +610,7 @@ def tts(
 
 
 @app.command()
-@with_options("runtime", "generation", "batch", "json", "prompt", "output")
+@with_options("runtime", "ray", "generation", "batch", "json", "prompt", "output")
 def speak(
     questions: Annotated[list[str], typer.Argument(help="Questions to answer out loud.")],
     *, opts: Common,
@@ -623,7 +623,7 @@ def speak(
 
 
 @app.command()
-@with_options("runtime", "generation", "batch", "json", "prompt", "output")
+@with_options("runtime", "ray", "generation", "batch", "json", "prompt", "output")
 def speech2speech(
     audio: Annotated[list[str], typer.Argument(help="Recordings to answer with speech.")],
     recursive: RecursiveOpt = False,
@@ -666,7 +666,7 @@ def keyframes(
 
 
 @app.command("video-caption")
-@with_options("runtime", "generation", "batch", "json", "prompt", "output")
+@with_options("runtime", "ray", "generation", "batch", "json", "prompt", "output")
 def video_caption(
     videos: Annotated[list[str], typer.Argument(help="Video files, folders, globs, or '-' (paths on stdin).")],
     recursive: RecursiveOpt = False,
@@ -683,7 +683,7 @@ def video_caption(
 
 
 @app.command("video-gen")
-@with_options("runtime", "generation", "json", "output")
+@with_options("runtime", "ray", "generation", "json", "output")
 def video_gen(
     descriptions: Annotated[list[str], typer.Argument(help="What happens in the video ('-' reads one per "
                                                       "line).")],

@@ -27,6 +27,7 @@ from miocli.outputs import print_record
 RUNTIME = "Model and device"
 GENERATION = "Generation"
 OUTPUT = "Output"
+RAY = "Ray cluster"
 
 
 @dataclass
@@ -39,7 +40,13 @@ class Common:
     dtype: str = "auto"
     quantize: str = "auto"
     verbose: bool = False
+    engine: str = "transformers"
+    engine_url: str | None = None
     server: str | None = None
+    ray: bool = False
+    ray_address: str | None = None
+    workers: int | None = None
+    gpus_per_worker: float | None = None
     debug: bool = False
     beams: int | None = None
     sample: bool | None = None
@@ -61,7 +68,12 @@ class Common:
 
     def make_mio(self, quantize: str | None = None, *, local: bool = False) -> Any:
         """The model to run on: `mio serve` at --server / MIO_SERVER (a light client), else in this process."""
+        if (self.ray or self.ray_address) and not local:
+            return self._ray_mio(quantize)
         if self.server and not local:
+            if self.engine != "transformers" or self.engine_url:
+                raise UsageError("--engine and --engine-url choose what runs the LLM in this process; a --server "
+                                 "runs its own", hint="start `mio serve --engine ...` instead, or drop --server")
             from miocli.client import RemoteMio
 
             return RemoteMio(self.server)
@@ -73,7 +85,22 @@ class Common:
         from miocli.api import Mio
 
         return Mio(self.model, variant=self.variant, device=self.device, dtype=self.dtype,
-                   quantize=quantize or self.quantize, verbose=self.verbose)
+                   quantize=quantize or self.quantize, verbose=self.verbose, engine=self.engine,
+                   engine_url=self.engine_url)
+
+    def _ray_mio(self, quantize: str | None) -> Any:
+        """`--ray`: the same run on a Ray cluster's workers, one Mio each (miocli.distributed)."""
+        if self.server:
+            raise UsageError("--ray and --server both say where to run", hint="keep one of them")
+        if self.workers is not None and self.workers < 1:
+            raise UsageError(f"--workers must be at least 1 (got {self.workers})")
+        if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
+            raise UsageError(f"--gpus-per-worker cannot be negative (got {self.gpus_per_worker:g})")
+        from miocli.distributed import Cluster, ModelSpec, RayMio
+
+        model = ModelSpec(self.model, self.variant, self.device, self.dtype, quantize or self.quantize, self.verbose,
+                          self.engine, self.engine_url)
+        return RayMio(model, Cluster(self.ray_address, self.workers, self.gpus_per_worker, verbose=self.verbose))
 
     def generation(self, *, sample: bool | None = None, batch_size: int | None = None) -> Any:
         """The generation options, validated; `sample`/`batch_size` replace the user's when given."""
@@ -119,9 +146,24 @@ OPTIONS: dict[str, tuple[Any, Any]] = {
                                      panel=RUNTIME)], "auto"),
     "verbose": (Annotated[bool, _opt("--verbose", "-v", help="Report what was loaded, how long it took, and "
                                      "memory.", panel=RUNTIME)], False),
+    "engine": (Annotated[str, _opt("--engine", metavar="transformers|vllm", help="What runs the LLM: transformers "
+                                   "(reference-exact) or vLLM in this Python (docs/engines.md).", panel=RUNTIME)],
+               "transformers"),
+    "engine_url": (Annotated[str | None, _opt("--engine-url", envvar="MIO_ENGINE_URL", help="Run the LLM on a "
+                                              "`vllm serve` of the same checkpoint at this URL (codecs stay here).",
+                                              panel=RUNTIME, show_default=False)], None),
     "server": (Annotated[str | None, _opt("--server", envvar="MIO_SERVER", help="Run on a `mio serve` at this URL "
                                           "(key in MIO_API_KEY) instead of loading the model here.",
                                           panel=RUNTIME, show_default=False)], None),
+    "ray": (Annotated[bool, _opt("--ray", help="Run the job on a Ray cluster (RAY_ADDRESS, or a local one), one "
+                                 "model per worker; needs miocli[ray].", panel=RAY)], False),
+    "ray_address": (Annotated[str | None, _opt("--ray-address", help="Join the Ray cluster at this address (implies "
+                                               "--ray).", panel=RAY, show_default=False)], None),
+    "workers": (Annotated[int | None, _opt("--workers", help="Ray workers, each holding one model (default: one "
+                                           "per GPU, or 1).", panel=RAY, show_default=False)], None),
+    "gpus_per_worker": (Annotated[float | None, _opt("--gpus-per-worker", help="GPUs each Ray worker holds "
+                                                     "(default 1 when the cluster has GPUs, else 0).", panel=RAY,
+                                                     show_default=False)], None),
     "debug": (Annotated[bool, _opt("--debug", help="Show tracebacks.", panel=RUNTIME)], False),
     "beams": (Annotated[int | None, _opt("--beams", help="Beam count (task preset by default).",
                                          panel=GENERATION)], None),
@@ -155,11 +197,13 @@ GROUPS: dict[str, tuple[str, ...]] = {
     # Commands that only encode or decode media take the model folder and device, not the LLM's options.
     "codec": ("model", "device", "dtype", "verbose", "server"),
     # The model a process loads itself (`mio serve`); "runtime" adds --server for the commands.
-    "model": ("model", "variant", "device", "dtype", "quantize", "verbose"),
-    "runtime": ("model", "variant", "device", "dtype", "quantize", "verbose", "server"),
+    "model": ("model", "variant", "device", "dtype", "quantize", "verbose", "engine", "engine_url"),
+    "runtime": ("model", "variant", "device", "dtype", "quantize", "verbose", "engine", "engine_url", "server"),
     "generation": ("beams", "sample", "temperature", "top_p", "repetition_penalty", "max_new_tokens", "seed",
                    "constrain", "beam_scoring"),
     "batch": ("batch_size",),
+    # Batch commands that can run on a Ray cluster (issue 14).
+    "ray": ("ray", "ray_address", "workers", "gpus_per_worker"),
     "json": ("as_json",),
     "prompt": ("show_prompt",),
     "output": ("output_dir", "overwrite", "skip_existing"),

@@ -11,6 +11,10 @@ The task core (`stream.py`) yields results in memory; this module decides where 
 
 A kill at any moment loses at most the batch in flight. A full disk stops the run with one
 error that says what was written and what was not.
+
+The results may come from this process (`Mio`), from `mio serve` (`RemoteMio`) or from a Ray
+cluster's workers (`distributed.RayMio`, in input order as they finish, each input once): the
+writer is the same, so the files, records and exit codes are too.
 """
 
 from __future__ import annotations
