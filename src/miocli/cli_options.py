@@ -96,10 +96,11 @@ class Common:
             raise UsageError(f"--workers must be at least 1 (got {self.workers})")
         if self.gpus_per_worker is not None and self.gpus_per_worker < 0:
             raise UsageError(f"--gpus-per-worker cannot be negative (got {self.gpus_per_worker:g})")
-        from miocli.distributed import Cluster, ModelSpec, RayMio
+        from miocli.distributed import Cluster, RayMio
+        from miocli.runtime import RuntimeOptions
 
-        model = ModelSpec(self.model, self.variant, self.device, self.dtype, quantize or self.quantize, self.verbose,
-                          self.engine, self.engine_url)
+        model = RuntimeOptions(self.model, self.variant, self.device, self.dtype, quantize or self.quantize,
+                               self.verbose, self.engine, self.engine_url)
         return RayMio(model, Cluster(self.ray_address, self.workers, self.gpus_per_worker, verbose=self.verbose))
 
     def generation(self, *, sample: bool | None = None, batch_size: int | None = None) -> Any:

@@ -29,7 +29,7 @@ import os
 import secrets
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from miocli.errors import EnvironmentProblem, MioError, UsageError
 from miocli.inputs import Item, Media
 from miocli.options import GenerationOptions
 from miocli.results import Result, StoryPart
+from miocli.runtime import RuntimeOptions
 
 INSTALL_HINT = "pip install 'miocli[ray]'"
 # Result row columns; every row has all of them so that Arrow sees one schema in every block.
@@ -96,20 +97,6 @@ def _absolute(value: Any) -> Any:
 
 # ---- the worker: one Mio per actor --------------------------------------------------------------
 @dataclass(frozen=True)
-class ModelSpec:
-    """What each worker's `Mio` is built from (the CLI's model and device options)."""
-
-    model: str | None = None
-    variant: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    quantize: str = "auto"
-    verbose: bool = False
-    engine: str = "transformers"
-    engine_url: str | None = None
-
-
-@dataclass(frozen=True)
 class JobSpec:
     """Everything a batch needs besides its inputs."""
 
@@ -133,7 +120,7 @@ class MioWorker:
     `path`, `bytes`, `text` or `item` column of a user's Dataset).
     """
 
-    def __init__(self, model: ModelSpec, job: JobSpec) -> None:
+    def __init__(self, model: RuntimeOptions, job: JobSpec) -> None:
         from miocli.api import Mio
 
         self.job = job
@@ -144,9 +131,9 @@ class MioWorker:
 
             quiet.set_enabled(False)
         try:
-            self.mio = Mio(model.model, variant=model.variant, device=model.device, dtype=model.dtype,
-                           quantize=model.quantize, verbose=model.verbose, engine=model.engine,
-                           engine_url=model.engine_url)
+            self.mio = Mio(**asdict(model))
+            # An actor serves batch after batch, as `mio serve` does: it keeps every component that fits.
+            self.mio.runtime.long_lived = True
         except MioError as exc:
             # Raised here it would kill the actor and Ray would start another to fail the same way.
             self.problem = exc
@@ -379,11 +366,11 @@ def map_task(
     options = replace(options or GenerationOptions(), batch_size=batch_size)
     job = JobSpec(task.replace("-", "_"), _seeded(options), settings, tuple((_absolute(m), a) for m, a in examples),
                   template, question=question, image=_absolute(image), rate=rate, with_timbre=with_timbre)
-    spec = ModelSpec(model, variant, device, dtype, quantize, engine=engine, engine_url=engine_url)
+    spec = RuntimeOptions(model, variant, device, dtype, quantize, engine=engine, engine_url=engine_url)
     return _map(dataset, spec, job, batch_size, workers, cpus_per_worker, gpus_per_worker)
 
 
-def _map(dataset: Any, model: ModelSpec, job: JobSpec, batch_size: int, workers: int, cpus: float,
+def _map(dataset: Any, model: RuntimeOptions, job: JobSpec, batch_size: int, workers: int, cpus: float,
          gpus: float) -> Any:
     import ray.data
 
@@ -405,7 +392,7 @@ def _seeded(options: GenerationOptions) -> GenerationOptions:
 class RayMio:
     """The part of `Mio` the batch commands use, run on a Ray cluster."""
 
-    def __init__(self, model: ModelSpec, cluster: Cluster) -> None:
+    def __init__(self, model: RuntimeOptions, cluster: Cluster) -> None:
         require_ray()  # before any input is read: the missing extra is the first thing said
         self.model = model
         self.cluster = cluster
