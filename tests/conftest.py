@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from mio_testing import quantization_logits
 from miocli.generation import MediaVocabulary
 from miocli.tiny import ensure_tiny_checkpoint
 from miocli.tokenizer import MioTokenizer
@@ -35,3 +37,11 @@ def tokenizer(tiny_model: Path) -> MioTokenizer:
 @pytest.fixture(scope="module")
 def vocab(tokenizer: MioTokenizer) -> MediaVocabulary:
     return MediaVocabulary(tokenizer)
+
+
+@pytest.fixture(scope="module")
+def reference_logits(tiny_model: Path) -> Any:
+    """The unquantized tiny LLM's logits (mio_testing.quantization_logits)."""
+    from miocli.runtime import Runtime, RuntimeOptions
+
+    return quantization_logits(Runtime(RuntimeOptions(model=str(tiny_model), quantize="none")))

@@ -132,3 +132,12 @@ class Server:
         log = self.log.read()
         self.log.close()
         return log
+
+
+def quantization_logits(runtime: Any) -> Any:
+    """The LLM's float32 logits for one fixed sentence: what quantized layers are compared on."""
+    import torch
+
+    ids = runtime.tokenizer.encode("<|startoftext|>The quick brown fox jumps over the lazy dog")
+    with torch.inference_mode():
+        return runtime.llm(torch.tensor([ids])).logits.float()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mio_testing import one_torch_thread, run_mio  # noqa: F401  (autouse fixture)
+from mio_testing import one_torch_thread, quantization_logits, run_mio  # noqa: F401  (autouse fixture)
 from miocli.quantize import Int4Linear, Int8Linear, int4_group_size, read_tensors
 from miocli.runtime import Runtime, RuntimeOptions
 
@@ -77,17 +77,6 @@ def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "cache"
 
 
-@pytest.fixture(scope="module")
-def reference_logits(tiny_model: Path) -> torch.Tensor:
-    return logits_of(Runtime(RuntimeOptions(model=str(tiny_model), quantize="none")))
-
-
-def logits_of(runtime: Runtime) -> torch.Tensor:
-    ids = runtime.tokenizer.encode("<|startoftext|>The quick brown fox jumps over the lazy dog")
-    with torch.inference_mode():
-        return runtime.llm(torch.tensor([ids])).logits.float()
-
-
 @pytest.mark.parametrize("mode", ["4bit", "8bit"])
 def test_quantized_llm_on_cpu(tiny_model: Path, reference_logits: torch.Tensor, mode: str):
     runtime = Runtime(RuntimeOptions(model=str(tiny_model), quantize=mode))
@@ -105,7 +94,7 @@ def test_quantized_llm_on_cpu(tiny_model: Path, reference_logits: torch.Tensor, 
     dense = sum(m.in_features * m.out_features for m in decoder)
     stored = sum(b.numel() * b.element_size() for m in decoder for b in m.buffers())
     assert stored < dense * (0.6 if mode == "4bit" else 1.1)
-    logits = logits_of(runtime)
+    logits = quantization_logits(runtime)
     assert torch.isfinite(logits).all()
     similarity = torch.nn.functional.cosine_similarity(logits.flatten(), reference_logits.flatten(), dim=0)
     assert similarity > 0.98
@@ -118,19 +107,19 @@ def test_the_first_load_keeps_the_quantized_layers_for_the_next(tiny_model: Path
     assert not (own_cache / "quantized").exists()
     monkeypatch.setattr("miocli.quantize.CACHE_FROM_WEIGHTS", 0)
     first = Runtime(RuntimeOptions(model=str(tiny_model), quantize="4bit"))
-    expected = logits_of(first)
+    expected = quantization_logits(first)
     [kept] = (own_cache / "quantized").glob("*-int4.safetensors")
     # the next load reads the packed layers back: same model, the original weights of those layers unread
     kept_bytes = kept.read_bytes()
     again = Runtime(RuntimeOptions(model=str(tiny_model), quantize="4bit"))
-    assert torch.equal(logits_of(again), expected)
+    assert torch.equal(quantization_logits(again), expected)
     assert kept.read_bytes() == kept_bytes
     # other weight files (here: a copy, so another path) get their own entry
     import shutil
 
     copy = tmp_path / "copy"
     shutil.copytree(tiny_model, copy, ignore=shutil.ignore_patterns("seed-*", "SpeechTokenizer", "stable-*"))
-    assert torch.equal(logits_of(Runtime(RuntimeOptions(model=str(copy), quantize="4bit"))), expected)
+    assert torch.equal(quantization_logits(Runtime(RuntimeOptions(model=str(copy), quantize="4bit"))), expected)
     assert len(list((own_cache / "quantized").glob("*-int4.safetensors"))) == 2
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mio_testing import one_torch_thread, run_mio  # noqa: F401  (one_torch_thread: autouse)
+from mio_testing import one_torch_thread, quantization_logits, run_mio  # noqa: F401  (one_torch_thread: autouse)
 from miocli.api import GenerationOptions, Mio
 from miocli.errors import EnvironmentProblem, ModelError, UsageError
 from miocli.generation import GenerationOverrides
@@ -213,17 +213,6 @@ def test_weights_that_fail_to_load_are_still_a_model_error(tiny_model: Path, tmp
 
 
 # ---- 4-bit and 8-bit on CPU ----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def reference_logits(tiny_model: Path) -> torch.Tensor:
-    return logits_of(Runtime(RuntimeOptions(model=str(tiny_model), quantize="none")))
-
-
-def logits_of(runtime: Runtime) -> torch.Tensor:
-    ids = runtime.tokenizer.encode("<|startoftext|>The quick brown fox jumps over the lazy dog")
-    with torch.inference_mode():
-        return runtime.llm(torch.tensor([ids])).logits.float()
-
-
 # On the CPU mio quantizes with its own layers (tests/test_quantize.py); bitsandbytes is the CUDA path.
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes quantizes on CUDA devices only")
 @pytest.mark.parametrize("mode", ["4bit", "8bit"])
@@ -254,7 +243,7 @@ def test_quantized_llm_has_bitsandbytes_layers(tiny_model: Path, reference_logit
     assert "bfloat16" in runtime.loads[-1].detail and "float32" not in runtime.loads[-1].detail
     assert llm.get_memory_footprint() < reference_footprint(tiny_model)
     # Quantized weights must still compute (nearly) the same function.
-    logits = logits_of(runtime)
+    logits = quantization_logits(runtime)
     assert torch.isfinite(logits).all()
     similarity = torch.nn.functional.cosine_similarity(logits.flatten(), reference_logits.flatten(), dim=0)
     assert similarity > 0.95
