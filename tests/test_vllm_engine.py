@@ -19,6 +19,9 @@ from engine_cases import CASES, CONSTRAINED_CASES, GREEDY_CASES, run_cases
 from mio_testing import one_torch_thread  # noqa: F401  (autouse)
 from vllm_testing import head32_checkpoint, vllm_environment, vllm_python
 
+# Real vLLM starts (tens of seconds each): run by .ci/run as `python -m pytest -m vllm`, not in the default suite.
+pytestmark = pytest.mark.vllm
+
 WORKER = Path(__file__).parent / "vllm_engine_worker.py"
 
 

@@ -12,6 +12,9 @@ from engine_cases import CASES, run_cases
 from mio_testing import one_torch_thread, run_mio  # noqa: F401  (one_torch_thread: autouse)
 from vllm_testing import VllmServe, head32_checkpoint, vllm_python
 
+# Real vLLM starts (tens of seconds each): run by .ci/run as `python -m pytest -m vllm`, not in the default suite.
+pytestmark = pytest.mark.vllm
+
 SERVER_CASES = ["chat_batch", "caption_single", "imagine_batch", "imagine_free"]
 
 

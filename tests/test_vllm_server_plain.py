@@ -10,6 +10,9 @@ import pytest
 from mio_testing import run_mio
 from vllm_testing import VllmServe, head32_checkpoint, vllm_python
 
+# Real vLLM starts (tens of seconds each): run by .ci/run as `python -m pytest -m vllm`, not in the default suite.
+pytestmark = pytest.mark.vllm
+
 
 @pytest.fixture(scope="module")
 def plain_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[VllmServe]:
