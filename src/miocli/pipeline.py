@@ -185,13 +185,6 @@ class Engine:
             if problem:
                 raise missing_vllm(problem)
 
-    @property
-    def engine_name(self) -> str:
-        """transformers, vllm, or vllm-server (a `vllm serve` at --engine-url)."""
-        if self.runtime.options.engine_url:
-            return "vllm-server"
-        return self.runtime.options.engine
-
     def generator(self) -> Generator:
         """The engine that runs the LLM (miocli.engines), built once."""
         if self._generator is None:

@@ -56,16 +56,13 @@ class Generator(Protocol):
 
 
 def check_engine(engine: str, engine_url: str | None) -> None:
-    """Cheap option checks, done before anything heavy is imported."""
+    """Cheap option checks, done before anything heavy is imported. A URL with the default engine
+    ("transformers") is no clash: the URL says the LLM runs on that server."""
     if engine not in ENGINES:
         raise UsageError(f"unknown engine {engine!r}", hint=f"use {' or '.join(ENGINES)}")
-    if engine_url is not None:
-        if not engine_url.startswith(("http://", "https://")):
-            raise UsageError(f"--engine-url {engine_url!r} is not an http(s) URL",
-                             hint="pass the base URL of a `vllm serve`, e.g. http://127.0.0.1:8000")
-        if engine == "transformers":
-            # The URL implies the vLLM engine; "transformers" is only the default, so it is not a clash.
-            return
+    if engine_url is not None and not engine_url.startswith(("http://", "https://")):
+        raise UsageError(f"--engine-url {engine_url!r} is not an http(s) URL",
+                         hint="pass the base URL of a `vllm serve`, e.g. http://127.0.0.1:8000")
 
 
 def finish(ids: Sequence[int], stop_id: int, pad_id: int) -> list[int]:
