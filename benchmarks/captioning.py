@@ -1,6 +1,6 @@
 """Captioning throughput on the tiny checkpoint: one `mio caption DIR` process vs one process per image.
 
-Builds the tiny checkpoint (miocli.tiny) in a temporary MIO_CACHE and writes N synthetic images
+Builds the tiny checkpoint (miocli.model.tiny) in a temporary MIO_CACHE and writes N synthetic images
 (PIL: gradients, shapes, noise, text, checkerboards; mostly 256x256, every fourth one another size,
 PNG and JPEG) to a temporary folder. Then it times, with the real entry point
 (`python -m miocli caption ... --model TINY --device cpu --json`, results on stdout):
@@ -65,7 +65,7 @@ def child_env(cache: Path) -> dict[str, str]:
 
 
 def build_tiny(cache: Path) -> Path:
-    from miocli.tiny import ensure_tiny_checkpoint
+    from miocli.model.tiny import ensure_tiny_checkpoint
 
     start = time.perf_counter()
     model = ensure_tiny_checkpoint("instruct", cache_dir=cache)

@@ -1,6 +1,6 @@
 """What `mio caption` and `mio imagine` load: components, their parts and parameters, and peak RSS.
 
-Builds the tiny checkpoint (miocli.tiny) in a temporary MIO_CACHE and runs each command once through the
+Builds the tiny checkpoint (miocli.model.tiny) in a temporary MIO_CACHE and runs each command once through the
 real entry point with `--verbose --device cpu`. The Runtime's `--verbose` report (stderr) names every
 component loaded, the codec parts (`seed (encoder)`), the parameter count and, per component, the
 parameters of each top-level module (`visual_encoder`, `Qformer`, `quantize`, `unet`, ...). The peak RSS is

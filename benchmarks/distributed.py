@@ -1,6 +1,6 @@
 """`mio caption --ray` on a local Ray cluster vs the plain local run (tiny checkpoint, this machine).
 
-Builds the tiny checkpoint (miocli.tiny) in a temporary cache and writes N synthetic images (default
+Builds the tiny checkpoint (miocli.model.tiny) in a temporary cache and writes N synthetic images (default
 200, 96x96 noise and gradients). Starts one Ray head on loopback (`ray start --head --block`,
 --num-cpus C, a 300 MB object store, no dashboard), then times, with the real entry point
 (`python -m miocli caption DIR --model TINY --device cpu --json -b B --beams 1 --max-new-tokens T`):
@@ -96,7 +96,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parsed = parser.parse_args()
 
-    from miocli.tiny import ensure_tiny_checkpoint
+    from miocli.model.tiny import ensure_tiny_checkpoint
 
     # Short: Ray's socket paths must stay under 107 bytes.
     temp = Path(tempfile.mkdtemp(prefix="mio-bench-", dir="/tmp"))

@@ -38,7 +38,7 @@ TTS_TEXTS = ["a red kite over a green hill", "the quick brown fox jumps over the
 
 def inner(args: argparse.Namespace) -> None:
     """Tokens/s in this process (run by the outer script with the engine's python)."""
-    from miocli.api import Mio
+    from miocli.core.api import Mio
 
     mio = Mio(args.model, device=args.device, dtype=args.dtype, engine=args.engine, engine_url=args.engine_url)
     out = {}
@@ -66,7 +66,7 @@ def _workloads(args: argparse.Namespace) -> list[tuple[str, list, dict]]:
 
 
 def tiny_head32(folder: Path) -> Path:
-    from miocli.tiny import build_tiny_checkpoint, build_tiny_llm
+    from miocli.model.tiny import build_tiny_checkpoint, build_tiny_llm
 
     build_tiny_checkpoint(folder)
     build_tiny_llm(folder, 0, "instruct", hidden_size=128)

@@ -3,7 +3,7 @@
     python benchmarks/gpu.py [--model DIR] [--out DIR]      # on a CUDA machine (benchmarks/gpu.sh wraps it)
     python benchmarks/gpu.py --dry-run                      # the same steps on the tiny checkpoint, CPU
 
-Builds the real-size random checkpoint (`python -m miocli.realsize`, about 19 GB; skipped when DIR already
+Builds the real-size random checkpoint (`python -m miocli.model.realsize`, about 19 GB; skipped when DIR already
 holds one), then runs one fresh process per choice (4bit, 8bit, bf16, reference). Each runs the four tasks as
 one-shot commands would (every component released between tasks, so each task's load and peak are its own),
 recording per task: peak VRAM (torch.cuda.max_memory_reserved: what the allocator held), the load time of each
@@ -59,7 +59,7 @@ CHILD = r"""
 import json, sys, time
 start = time.perf_counter()
 import torch
-from miocli.api import Mio
+from miocli.core.api import Mio
 spec = json.loads(sys.argv[1])
 cuda = spec["device"].startswith("cuda")
 mio = Mio(spec["model"], device=spec["device"], dtype=spec["dtype"], quantize=spec["quantize"])
@@ -152,7 +152,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mio-gpu-") as tmp:
         if args.dry_run:
             sys.path.insert(0, str(ROOT / "src"))
-            from miocli.tiny import ensure_tiny_checkpoint
+            from miocli.model.tiny import ensure_tiny_checkpoint
 
             env["MIO_CACHE"] = str(Path(tmp) / "cache")
             model = ensure_tiny_checkpoint(cache_dir=Path(tmp) / "cache")
@@ -164,7 +164,7 @@ def main() -> None:
             model = args.model or Path(tmp) / "mio7b"
             if not (model / "mio_realsize.json").is_file() and not (model / "config.json").is_file():
                 start = time.perf_counter()
-                subprocess.run([sys.executable, "-m", "miocli.realsize", str(model)], env=env, check=True)
+                subprocess.run([sys.executable, "-m", "miocli.model.realsize", str(model)], env=env, check=True)
                 print(f"built the real-size checkpoint in {time.perf_counter() - start:.0f} s", file=sys.stderr)
             device = "cuda"
             settings = {"caption": {"max_new_tokens": 32}, "asr": {"max_new_tokens": 32},

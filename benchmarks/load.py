@@ -1,6 +1,6 @@
 """Loading the LLM through miocli's Runtime: none / 8-bit / 4-bit on the tiny checkpoint.
 
-Builds the tiny checkpoint (miocli.tiny) in a temporary cache, then for each quantize mode
+Builds the tiny checkpoint (miocli.model.tiny) in a temporary cache, then for each quantize mode
 starts a fresh Python process that loads the LLM with `Runtime(RuntimeOptions(quantize=...)).llm`
 and reports:
 
@@ -49,7 +49,8 @@ def child(mode: str, model_dir: str) -> None:
 
     import psutil
 
-    from miocli.runtime import Runtime, RuntimeOptions
+    from miocli.model.devices import RuntimeOptions
+    from miocli.model.runtime import Runtime
 
     runtime = Runtime(RuntimeOptions(model=model_dir, device="cpu", quantize=mode))
     llm = runtime.llm
@@ -97,7 +98,7 @@ def main() -> None:
         child(*args.child)
         return
 
-    from miocli.tiny import ensure_tiny_checkpoint
+    from miocli.model.tiny import ensure_tiny_checkpoint
 
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error"}
     # What `mio` itself sets before torch starts (cli.main); export OMP_WAIT_POLICY to compare.

@@ -2,7 +2,7 @@
 
     python benchmarks/realsize.py --model DIR [--build] [--sections dtype,chat,quantize,caption]
 
-DIR is a real-size random checkpoint (`python -m miocli.realsize DIR`, or --build here; about 19 GB, never in
+DIR is a real-size random checkpoint (`python -m miocli.model.realsize DIR`, or --build here; about 19 GB, never in
 git or CI). Every measurement is a fresh process (one-shot, as a user's command) reporting its own peak RSS
 (VmHWM), load time per component, LLM tokens/s (greedy, a few tokens: slow on 2 cores) and wall time:
 
@@ -36,7 +36,7 @@ import json, sys, time
 start = time.perf_counter()
 spec = json.loads(sys.argv[1])
 import torch
-from miocli.api import Mio
+from miocli.core.api import Mio
 mio = Mio(spec["model"], device="cpu", dtype=spec.get("dtype", "auto"), quantize=spec.get("quantize", "auto"),
           verbose=True)
 generated = {"seconds": 0.0, "tokens": 0}
@@ -160,7 +160,7 @@ def main() -> None:
            "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error"}
     env.pop("MIO_MODEL", None)
     if args.build and not (args.model / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "miocli.realsize", str(args.model)], env=env, check=True)
+        subprocess.run([sys.executable, "-m", "miocli.model.realsize", str(args.model)], env=env, check=True)
     if "dtype" in sections:
         dtype_section()
     model = str(args.model)

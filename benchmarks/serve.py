@@ -1,6 +1,6 @@
 """`mio serve` on the tiny checkpoint: warm commands, concurrent requests, a bounded load test.
 
-Builds the tiny checkpoint (miocli.tiny) once in a temporary MIO_CACHE and writes small synthetic PNGs
+Builds the tiny checkpoint (miocli.model.tiny) once in a temporary MIO_CACHE and writes small synthetic PNGs
 (64x48, as benchmarks/streaming.py) to a temporary folder. Starts the real server as a subprocess,
 `mio serve --model TINY --device cpu --port FREE` (its default --batch-size 8), waits for GET /health, and
 stops it with SIGTERM at the end. Every caption uses `--max-new-tokens 8 --beams 1`. Figures:

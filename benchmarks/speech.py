@@ -151,7 +151,7 @@ def in_process(folder: Path, thread_counts: list[int]) -> None:
 # and the peak RSS of the whole command (VmHWM of this process: the command and nothing else).
 MIO_CHILD = """
 import atexit, json, sys
-from miocli.runtime import Runtime  # light: no torch; only to keep the command's runtimes for the report
+from miocli.model.runtime import Runtime  # light: no torch; only to keep the command's runtimes for the report
 runtimes = []
 post_init = Runtime.__post_init__
 def keep(self):
@@ -166,7 +166,7 @@ def report():
         json.dump({"loads": loads, "peak_rss_mb": status["VmHWM"] / 1024,
                    "modules": [m for m in heavy if m in sys.modules]}, f)
 atexit.register(report)
-from miocli.cli import main
+from miocli.cli.app import main
 main(sys.argv[2:])
 """
 
@@ -241,7 +241,7 @@ def asr_report(model: Path, wav: Path, label: str) -> None:
 
 
 def asr_memory(real_speech: Path | None) -> None:
-    from miocli.tiny import ensure_tiny_checkpoint
+    from miocli.model.tiny import ensure_tiny_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         tiny = ensure_tiny_checkpoint("instruct", cache_dir=Path(tmp) / "cache")

@@ -1,6 +1,6 @@
 """Streamed `mio caption DIR -o OUT`: time to the first written result, peak RSS by folder size, throughput.
 
-Builds the tiny checkpoint (miocli.tiny) once in a temporary MIO_CACHE and writes small synthetic PNGs
+Builds the tiny checkpoint (miocli.model.tiny) once in a temporary MIO_CACHE and writes small synthetic PNGs
 (64x48, numpy noise blocks over a gradient, different per image) once to a temporary folder; each measured
 folder is made of hard links to them. Every run is a separate process of the real entry point with
 `-o OUT --device cpu --max-new-tokens 8 --beams 1 --seed 0` and its own empty OUT; its wall time and its own

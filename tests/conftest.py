@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from mio_testing import quantization_logits
-from miocli.generation import MediaVocabulary
-from miocli.tiny import ensure_tiny_checkpoint
-from miocli.tokenizer import MioTokenizer
+from miocli.engines.rules import MediaVocabulary
+from miocli.model.tiny import ensure_tiny_checkpoint
+from miocli.model.tokenizer import MioTokenizer
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -42,6 +42,7 @@ def vocab(tokenizer: MioTokenizer) -> MediaVocabulary:
 @pytest.fixture(scope="module")
 def reference_logits(tiny_model: Path) -> Any:
     """The unquantized tiny LLM's logits (mio_testing.quantization_logits)."""
-    from miocli.runtime import Runtime, RuntimeOptions
+    from miocli.model.devices import RuntimeOptions
+    from miocli.model.runtime import Runtime
 
     return quantization_logits(Runtime(RuntimeOptions(model=str(tiny_model), quantize="none")))

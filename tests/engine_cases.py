@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from miocli import protocol
+from miocli.core.generation import GenerationOverrides
+from miocli.core.pipeline import Engine
+from miocli.core.prompts import Prompt, task_prompt_text
+from miocli.core.tasks import TASKS
 from miocli.engines.rules import check_decodable
-from miocli.generation import GenerationOverrides
-from miocli.pipeline import Engine, Prompt, task_prompt_text
-from miocli.tasks import TASKS
 
 QUESTIONS = ["What is in this picture?", "Tell me about the red kite.",
              "Numbers like 1, 2, 3 appear in text; what comes next after the quiet river bank?", "Hi"]
@@ -68,7 +69,8 @@ def run_case(engine: Engine, case: dict[str, Any]) -> dict[str, Any]:
 
 def run_cases(model: Path, engine_name: str, names: list[str] | None = None,
               engine_url: str | None = None) -> dict[str, dict[str, Any]]:
-    from miocli.runtime import Runtime, RuntimeOptions
+    from miocli.model.devices import RuntimeOptions
+    from miocli.model.runtime import Runtime
 
     engine = Engine(Runtime(RuntimeOptions(model=str(model), device="cpu", dtype="float32", engine=engine_name,
                                            engine_url=engine_url)))

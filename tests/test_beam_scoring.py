@@ -25,9 +25,9 @@ import pytest
 
 from mio_testing import one_torch_thread, rewired_checkpoint, run_mio  # noqa: F401  (one_torch_thread: autouse)
 from miocli import protocol
+from miocli.core.prompts import Prompt
 from miocli.errors import UsageError
-from miocli.pipeline import Prompt
-from miocli.tokenizer import MioTokenizer
+from miocli.model.tokenizer import MioTokenizer
 
 MAX_NEW = 24
 BEAMS = 5
@@ -128,7 +128,7 @@ def chain_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture(scope="module")
 def chain(chain_model: Path) -> Any:
-    from miocli.api import Mio
+    from miocli.core.api import Mio
 
     return Mio(str(chain_model), device="cpu")
 
@@ -187,7 +187,7 @@ def test_reference_scores_divide_by_the_whole_padded_row(chain, length_penalty: 
     answer alone. A short prompt batched with a long one is padded to its length and answers as a long one."""
     import torch
 
-    from miocli.generation import reference_beam_scoring
+    from miocli.engines.transformers_engine import reference_beam_scoring
 
     llm, pad_id, stop = chain.runtime.llm, chain.runtime.tokenizer.pad_id, stop_id(chain)
     rows = [prompt_row(chain, q, kw) for q, kw in CHATS[:2]]
@@ -237,7 +237,7 @@ def test_reference_scores_divide_by_the_whole_padded_row(chain, length_penalty: 
 def boundary_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """A chain model on the edge for the standard "hi" prompt: 4.34's divisor (the row before the stop
     token) keeps the 10-letter answer, one token more (the stop token counted) picks the 2-letter one."""
-    from miocli.api import Mio
+    from miocli.core.api import Mio
 
     length = len(prompt_row(Mio(str(tiny_model), device="cpu"), "hi", {}))
     # With 4.34's divisors the answers tie at a prompt of `edge` tokens: a (L + 10) = b (L + 2), where
@@ -250,7 +250,7 @@ def boundary_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def test_reference_scoring_matches_transformers_434_on_the_edge(boundary_model):
-    from miocli.api import Mio
+    from miocli.core.api import Mio
 
     folder, question = boundary_model
     mio = Mio(str(folder), device="cpu")
@@ -273,7 +273,7 @@ def test_unknown_beam_scoring_is_a_usage_error_before_any_load(tiny_model: Path,
     assert done.returncode == 2, (done.returncode, done.stderr)
     assert "--beam-scoring 'bogus'" in done.stderr and "use answer or reference" in done.stderr
 
-    from miocli.api import Mio
+    from miocli.core.api import Mio
 
     mio = Mio(str(tiny_model), device="cpu")
     with pytest.raises(UsageError, match="beam-scoring"):

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from miocli import checkpoint
-from miocli.checkpoint import (
+from miocli.errors import ModelError, UsageError
+from miocli.model import checkpoint
+from miocli.model.checkpoint import (
     LLM,
     SEED,
     SPEECH,
@@ -23,8 +24,7 @@ from miocli.checkpoint import (
     require_components,
     resolve_model,
 )
-from miocli.errors import ModelError, UsageError
-from miocli.tiny import COMPONENT_BUILDERS
+from miocli.model.tiny import COMPONENT_BUILDERS
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
@@ -516,7 +516,8 @@ def test_one_error_lists_every_incomplete_component(copy: Path):
 
 
 def test_runtime_refuses_a_damaged_folder_before_loading(copy: Path):
-    from miocli.runtime import Runtime, RuntimeOptions
+    from miocli.model.devices import RuntimeOptions
+    from miocli.model.runtime import Runtime
 
     (copy / "tokenizer.model").unlink()
     runtime = Runtime(RuntimeOptions(model=str(copy)))

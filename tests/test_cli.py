@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 
 from mio_testing import run_mio
 from miocli import protocol
-from miocli.cli import app
-from miocli.tokenizer import MioTokenizer
+from miocli.cli.app import app
+from miocli.model.tokenizer import MioTokenizer
 
 runner = CliRunner()
 
@@ -26,7 +26,7 @@ def invoke(*args: str, stdin: str | None = None):
 @pytest.mark.parametrize("args", [["--help"], ["chat", "--help"], ["generate", "--help"]])
 def test_help_does_not_import_heavy_libraries(args):
     code = (
-        "import sys\nfrom miocli.cli import main\n"
+        "import sys\nfrom miocli.cli.app import main\n"
         f"try:\n    main({args!r})\nexcept SystemExit:\n    pass\n"
         "heavy = [m for m in ('torch', 'transformers', 'diffusers', 'cv2') if m in sys.modules]\n"
         "print('HEAVY:', heavy, file=sys.stderr)\n"
@@ -118,7 +118,7 @@ def test_chat_messages_file_stdin_and_system(tiny_model, tmp_path):
 
 
 def test_print_prompt_json_matches_tokenizer_and_loads_no_llm(tiny_model):
-    from miocli.api import Mio
+    from miocli.core.api import Mio
 
     done = invoke("chat", "What is MIO?", "--mode", "voice", "--model", str(tiny_model), "--print-prompt", "--json")
     record = json.loads(done.stdout)
@@ -126,7 +126,7 @@ def test_print_prompt_json_matches_tokenizer_and_loads_no_llm(tiny_model):
                                                             "voice")[0]
     assert record["input_ids"] == MioTokenizer.from_dir(tiny_model).encode(record["prompt"])
     mio = Mio(str(tiny_model))
-    mio.prompt_ids(__import__("miocli.pipeline", fromlist=["Prompt"]).Prompt(record["prompt"]))
+    mio.prompt_ids(__import__("miocli.core.prompts", fromlist=["Prompt"]).Prompt(record["prompt"]))
     assert "llm" not in mio.runtime.loaded()
 
 

@@ -14,13 +14,15 @@ import pytest
 import soundfile
 
 from mio_testing import run_mio
-from miocli import mediatokens, protocol
-from miocli.api import GenerationOptions, Mio
+from miocli import protocol
+from miocli.core import mediatokens
+from miocli.core.api import GenerationOptions, Mio
+from miocli.core.pipeline import SPEECH_HOP, Generated, PromptBudget
+from miocli.core.prompts import Prompt, task_prompt_text
+from miocli.core.steps import joined_result
+from miocli.core.tasks import TASKS
 from miocli.errors import InputError
 from miocli.media.audio import read_audio
-from miocli.pipeline import SPEECH_HOP, Generated, Prompt, PromptBudget, task_prompt_text
-from miocli.stream import joined_result
-from miocli.tasks import TASKS
 
 RATE = 16000
 CONTEXT = 256
@@ -202,7 +204,7 @@ def test_tokenize_audio_imports_nothing_for_the_llm_or_images(tiny_model, record
     imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
     assert "torch" in imported and "miocli.codecs.speech" in imported
     unwanted = {"transformers", "diffusers", "cv2", "scenedetect", "sentencepiece", "PIL", "psutil",
-                "miocli.tokenizer", "miocli.codecs.seed"}
+                "miocli.model.tokenizer", "miocli.codecs.seed"}
     assert not unwanted & imported, sorted(unwanted & imported)
 
 

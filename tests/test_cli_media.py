@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from mio_testing import run_mio
 from miocli import protocol
-from miocli.cli import app
+from miocli.cli.app import app
 
 runner = CliRunner()
 FAST = ["--max-new-tokens", "8", "--beams", "1"]
@@ -59,7 +59,7 @@ def test_caption_print_prompt_holds_image_tokens(tiny_model, media):
         record["prompt"])
     tokenized = invoke("tokenize", str(media / "red.png"), "--model", str(tiny_model)).stdout.strip()
     assert tokenized.startswith("<image>") and len(protocol.image_ids_from_string(tokenized)) == 32
-    from miocli.tokenizer import MioTokenizer
+    from miocli.model.tokenizer import MioTokenizer
 
     expected = MioTokenizer.from_dir(tiny_model).encode(protocol.fill_placeholders(record["prompt"], [tokenized]))
     assert record["input_ids"] == expected
@@ -187,7 +187,7 @@ def test_bad_images_through_entry_point(tiny_model, tmp_path, content):
 
 
 def test_caption_loads_neither_diffusion_nor_speech(tiny_model, media):
-    from miocli.api import Mio
+    from miocli.core.api import Mio
 
     mio = Mio(str(tiny_model), device="cpu")
     assert mio.caption(media / "red.png", max_new_tokens=2, beams=1).ok

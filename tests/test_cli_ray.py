@@ -15,7 +15,7 @@ def test_without_the_extra_ray_exits_3_naming_it(tmp_path):
     picture.write_bytes(b"")
     # sys.modules[name] = None is how Python spells "this module cannot be imported".
     code = ("import sys; sys.modules['ray'] = None\n"
-            "from miocli.cli import main\n"
+            "from miocli.cli.app import main\n"
             f"main(['caption', {str(picture)!r}, '--ray'])\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 3, done.stderr

@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from mio_testing import MIO_COMMAND, run_mio
-from miocli.cli import app
+from miocli.cli.app import app
 
 FAST = ["--max-new-tokens", "8", "--beams", "1"]
 PIXELS = ["--steps", "2", "--size", "64"]
@@ -169,8 +169,8 @@ def test_single_file_outputs_go_to_stdout_or_into_devices_never_over_them(tiny_m
 
 
 def test_many_image_segments_are_decoded_and_written_in_bounded_batches(tiny_model, pictures, tmp_path, monkeypatch):
-    from miocli import mediatokens, stream
-    from miocli.api import Mio
+    from miocli.core import mediatokens, stream
+    from miocli.core.api import Mio
 
     mio = Mio(str(tiny_model), device="cpu")
     tokens = mio.tokenize(pictures / "p01.png").text
@@ -182,7 +182,7 @@ def test_many_image_segments_are_decoded_and_written_in_bounded_batches(tiny_mod
         return decode(runtime, ids, options, progress)
 
     monkeypatch.setattr(mediatokens, "images_from_ids", spy)
-    from miocli.detokenize import run_detokenize
+    from miocli.output.detokenize import run_detokenize
 
     count = 2 * stream.DECODE_BATCH + 3
     written = run_detokenize(mio, tokens * count, str(tmp_path / "img.png"), embeddings_only=False, overwrite=False,
@@ -265,9 +265,9 @@ def test_closed_pipes_and_closed_streams(tiny_model, pictures):
 
 
 def test_answers_with_line_breaks_stay_one_line_per_input(capsys):
-    from miocli.inputs import Item
-    from miocli.results import Result
-    from miocli.writer import TEXT, ResultWriter, Target
+    from miocli.core.inputs import Item
+    from miocli.core.results import Result
+    from miocli.output.writer import TEXT, ResultWriter, Target
 
     writer = ResultWriter("caption", TEXT, None, show_names=True)
     for name, text in [("a.png", "two\nlines"), ("b.png", "back\\slash\r\nand more")]:

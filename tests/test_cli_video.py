@@ -15,7 +15,8 @@ import pytest
 from PIL import Image
 
 from mio_testing import run_mio
-from miocli.cli import EXAMPLE_SEPARATOR, join_example_values
+from miocli.cli.app import join_example_values
+from miocli.cli.run import EXAMPLE_SEPARATOR
 
 FPS = 10
 SIZE = (160, 120)
@@ -290,9 +291,9 @@ def test_new_commands_have_help(command):
 
 
 def test_streamed_tokens_are_the_answer(tiny_model):
-    from miocli.api import GenerationOptions, Mio
-    from miocli.pipeline import Prompt, task_prompt_text
-    from miocli.tasks import TASKS
+    from miocli.core.api import GenerationOptions, Mio
+    from miocli.core.prompts import Prompt, task_prompt_text
+    from miocli.core.tasks import TASKS
 
     mio = Mio(str(tiny_model), device="cpu")
     task = TASKS["interleave"]

@@ -69,7 +69,7 @@ def test_imagine_loads_no_eva_vit(tiny_model, tmp_path):
 
 def test_imagine_runtime_holds_only_the_seed_decoder(tiny_model, tmp_path):
     """The same through the API the command runs on, looking at the loaded modules themselves."""
-    from miocli.api import Mio
+    from miocli.core.api import Mio
 
     mio = Mio(str(tiny_model), device="cpu")
     result = mio.imagine("a red kite", max_new_tokens=40, beams=1, steps=2, size=64, seed=0)

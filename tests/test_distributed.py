@@ -1,4 +1,4 @@
-"""`--ray` and `miocli.distributed` on a real local Ray cluster (loopback, 2 CPUs, tiny checkpoint).
+"""`--ray` and `miocli.scale.ray` on a real local Ray cluster (loopback, 2 CPUs, tiny checkpoint).
 
 One cluster serves the whole module: `ray start --head --block` in its own session, on free ports,
 killed as a process group at the end. Each CLI run joins it with --ray-address, as a user joins a
@@ -230,7 +230,7 @@ def test_map_task_returns_result_rows_and_a_bad_input_is_its_rows_error(tiny_mod
                                                                        cluster):
     import ray
 
-    from miocli.distributed import map_task, to_result
+    from miocli.scale.ray import map_task, to_result
 
     local_out, _ = local_captions
     expected = {r["input"]: r["text"] for r in manifest(local_out)}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from mio_testing import run_mio
-from miocli import doctor
+from miocli.cli import doctor
 
 
 @pytest.fixture

@@ -12,12 +12,13 @@ import pytest
 
 from mio_testing import free_port, run_mio
 from miocli import protocol
-from miocli.engines.base import finish, vllm_request_settings, vllm_settings
-from miocli.engines.rules import Rule, check_decodable
+from miocli.core.generation import PRESETS
+from miocli.core.pipeline import Engine
+from miocli.engines.base import GenerationSettings, finish, vllm_request_settings, vllm_settings
+from miocli.engines.rules import MediaVocabulary, Rule, check_decodable
 from miocli.errors import UsageError
-from miocli.generation import PRESETS, GenerationSettings, MediaVocabulary
-from miocli.pipeline import Engine
-from miocli.runtime import Runtime, RuntimeOptions
+from miocli.model.devices import RuntimeOptions
+from miocli.model.runtime import Runtime
 
 
 def test_rule_travels_as_compact_json_and_back(vocab: MediaVocabulary):
@@ -46,7 +47,7 @@ def test_check_decodable_replays_the_rule(vocab: MediaVocabulary):
 def test_rule_and_transformers_adapter_allow_the_same(vocab: MediaVocabulary):
     import torch
 
-    from miocli.generation import SegmentConstraint
+    from miocli.engines.transformers_processors import SegmentConstraint
 
     rule = vocab.rule(60, allow_images=True, allow_speech=True)
     constraint = SegmentConstraint(vocab, 0, 60)
@@ -151,7 +152,7 @@ def test_default_engine_is_transformers_and_loads_no_engine_module(tiny_model: P
 
 
 def test_doctor_reports_the_engines(tiny_model: Path):
-    from miocli import doctor
+    from miocli.cli import doctor
 
     report = doctor.collect(str(tiny_model), None, "cpu")["engines"]
     assert report["transformers"]["usable"] is True

@@ -17,21 +17,19 @@ import torch
 
 from mio_testing import one_torch_thread, run_mio  # noqa: F401  (one_torch_thread: autouse)
 from miocli import protocol
-from miocli.api import GenerationOptions, Mio
+from miocli.core.api import GenerationOptions, Mio
+from miocli.core.generation import PRESETS, GenerationOverrides, minimum_new_tokens
+from miocli.core.pipeline import Engine
+from miocli.core.prompts import Prompt, task_prompt_text
+from miocli.core.tasks import TASKS
+from miocli.engines.base import GenerationSettings
+from miocli.engines.rules import MediaVocabulary
+from miocli.engines.transformers_engine import hf_generate_kwargs
+from miocli.engines.transformers_processors import SegmentConstraint
 from miocli.errors import UsageError
-from miocli.generation import (
-    PRESETS,
-    GenerationOverrides,
-    GenerationSettings,
-    MediaVocabulary,
-    SegmentConstraint,
-    hf_generate_kwargs,
-    minimum_new_tokens,
-)
-from miocli.pipeline import Engine, Prompt, task_prompt_text
-from miocli.runtime import Runtime, RuntimeOptions
-from miocli.tasks import TASKS
-from miocli.tokenizer import MioTokenizer
+from miocli.model.devices import RuntimeOptions
+from miocli.model.runtime import Runtime
+from miocli.model.tokenizer import MioTokenizer
 
 # ---- presets -----------------------------------------------------------------------------------
 # MIO_PROTOCOL §8, row by row: (preset, beams, sample, repetition penalty, top_p).

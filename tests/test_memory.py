@@ -15,10 +15,11 @@ import torch
 from PIL import Image
 
 from mio_testing import one_torch_thread, run_mio  # noqa: F401  (autouse fixture)
-from miocli import memory, realsize
-from miocli.api import Mio
+from miocli.core.api import Mio
 from miocli.errors import EnvironmentProblem
-from miocli.runtime import Runtime, RuntimeOptions, cpu_auto_dtype
+from miocli.model import memory, realsize
+from miocli.model.devices import RuntimeOptions, cpu_auto_dtype
+from miocli.model.runtime import Runtime
 
 GB = memory.GB
 REAL = memory.llm_size(realsize.llm_config_dict())
@@ -96,9 +97,9 @@ def test_cpu_auto_dtype_follows_model_size_cpu_and_memory(monkeypatch: pytest.Mo
                             "intermediate_size": 128, "vocab_size": 13000})
     assert cpu_auto_dtype(tiny, 100 * GB) == torch.float32  # small: exact and cheap
     assert cpu_auto_dtype(None, None) == torch.float32
-    monkeypatch.setattr("miocli.runtime.cpu_has_bf16", lambda: True)
+    monkeypatch.setattr("miocli.model.devices.cpu_has_bf16", lambda: True)
     assert cpu_auto_dtype(REAL, 100 * GB) == torch.bfloat16
-    monkeypatch.setattr("miocli.runtime.cpu_has_bf16", lambda: False)
+    monkeypatch.setattr("miocli.model.devices.cpu_has_bf16", lambda: False)
     assert cpu_auto_dtype(REAL, 100 * GB) == torch.float32  # room for float32 and no native bf16
     assert cpu_auto_dtype(REAL, 16 * GB) == torch.bfloat16  # float32 would not fit, bf16 does
 

@@ -19,10 +19,14 @@ import torch
 from PIL import Image
 
 from mio_testing import one_torch_thread, run_mio  # noqa: F401  (one_torch_thread: autouse)
-from miocli import checkpoint, doctor
+from miocli.cli import doctor
+from miocli.core.mediatokens import DECODER, ENCODER
 from miocli.errors import ModelError
-from miocli.mediatokens import DECODER, ENCODER
-from miocli.runtime import Runtime, RuntimeOptions, library_stdio, load_llm
+from miocli.model import checkpoint
+from miocli.model.devices import RuntimeOptions
+from miocli.model.llm import load_llm
+from miocli.model.runtime import Runtime
+from miocli.model.stdio import library_stdio
 
 FAST = ["--device", "cpu", "--max-new-tokens", "4", "--beams", "1"]
 

@@ -19,21 +19,20 @@ from typing import BinaryIO
 import pytest
 
 from miocli.errors import EnvironmentProblem, InputError, MioError
-from miocli.outputs import (
-    MANIFEST,
+from miocli.output.files import (
     NO_SPACE_HINT,
-    OutputDir,
     OutputWriteError,
     atomic_write,
     atomic_write_text,
     display_name,
     json_line,
-    print_record,
     relative_to,
     slug,
     write_single_file,
     writes_in_place,
 )
+from miocli.output.folder import MANIFEST, OutputDir
+from miocli.output.stdout import print_record
 
 POSIX = pytest.mark.skipif(os.name != "posix", reason="POSIX file types and permission bits")
 

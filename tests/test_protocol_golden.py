@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from miocli import protocol
-from miocli.tokenizer import MioTokenizer
+from miocli.model.tokenizer import MioTokenizer
 
 GOLDEN = Path(__file__).parent / "golden"
 CHAT = json.loads((GOLDEN / "chat" / "chat_cases.json").read_text())

@@ -1,4 +1,4 @@
-"""--quantize 8bit / 4bit on the CPU: mio's weight-only layers, loaded tensor by tensor (miocli.quantize).
+"""--quantize 8bit / 4bit on the CPU: mio's weight-only layers, loaded tensor by tensor (miocli.model.quantize).
 
 Correctness on the tiny checkpoint: the layers compute what their dequantized weights compute, the model
 stays close to the unquantized one, it holds less memory, and `mio chat --quantize 4bit` answers without
@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from mio_testing import one_torch_thread, quantization_logits, run_mio  # noqa: F401  (autouse fixture)
-from miocli.quantize import Int4Linear, Int8Linear, int4_group_size, read_tensors
-from miocli.runtime import Runtime, RuntimeOptions
+from miocli.model.devices import RuntimeOptions
+from miocli.model.quantize import Int4Linear, Int8Linear, int4_group_size, read_tensors
+from miocli.model.runtime import Runtime
 
 
 def dequantize_int4(layer: Int4Linear, levels: torch.Tensor) -> torch.Tensor:
@@ -105,7 +106,7 @@ def test_the_first_load_keeps_the_quantized_layers_for_the_next(tiny_model: Path
     # a model this small is not worth a cache file, unless the threshold says otherwise
     assert Runtime(RuntimeOptions(model=str(tiny_model), quantize="4bit")).llm is not None
     assert not (own_cache / "quantized").exists()
-    monkeypatch.setattr("miocli.quantize.CACHE_FROM_WEIGHTS", 0)
+    monkeypatch.setattr("miocli.model.quantize.CACHE_FROM_WEIGHTS", 0)
     first = Runtime(RuntimeOptions(model=str(tiny_model), quantize="4bit"))
     expected = quantization_logits(first)
     [kept] = (own_cache / "quantized").glob("*-int4.safetensors")
@@ -145,7 +146,8 @@ def test_cuda_quantize_without_usable_bitsandbytes_is_an_environment_problem(tmp
     broken = tmp_path / "site" / "bitsandbytes"
     broken.mkdir(parents=True)
     (broken / "__init__.py").write_text("raise OSError('libbitsandbytes_cuda.so: cannot open shared object file')\n")
-    code = ("import torch\nfrom miocli.runtime import resolve_quantize\nfrom miocli.errors import EnvironmentProblem\n"
+    code = ("import torch\nfrom miocli.model.devices import resolve_quantize\n"
+            "from miocli.errors import EnvironmentProblem\n"
             "try:\n    resolve_quantize('4bit', torch.device('cuda'))\nexcept EnvironmentProblem as e:\n"
             "    print(e.exit_code, e)\n")
     path = os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")])

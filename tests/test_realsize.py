@@ -14,8 +14,10 @@ from pathlib import Path
 import torch
 
 from mio_testing import one_torch_thread  # noqa: F401  (autouse fixture)
-from miocli import protocol, realsize
-from miocli.runtime import Runtime, RuntimeOptions
+from miocli import protocol
+from miocli.model import realsize
+from miocli.model.devices import RuntimeOptions
+from miocli.model.runtime import Runtime
 
 SMALL = dict(realsize.LLM_SHAPE, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
              num_attention_heads=4, num_key_value_heads=2)
@@ -50,7 +52,7 @@ def test_llm_is_written_in_shards_with_the_real_vocabulary(tmp_path: Path, monke
 
 
 def test_unknown_parts_are_a_usage_error(tmp_path: Path):
-    done = subprocess.run([sys.executable, "-m", "miocli.realsize", str(tmp_path / "x"), "--parts", "llm,vae"],
+    done = subprocess.run([sys.executable, "-m", "miocli.model.realsize", str(tmp_path / "x"), "--parts", "llm,vae"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and "unknown part(s) vae" in done.stderr
     assert not (tmp_path / "x").exists()

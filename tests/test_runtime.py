@@ -11,12 +11,13 @@ import pytest
 import torch
 
 from mio_testing import one_torch_thread, quantization_logits, run_mio  # noqa: F401  (one_torch_thread: autouse)
-from miocli.api import GenerationOptions, Mio
+from miocli.core.api import GenerationOptions, Mio
+from miocli.core.generation import GenerationOverrides
+from miocli.core.pipeline import Engine
+from miocli.core.prompts import Prompt
+from miocli.core.tasks import TASKS
 from miocli.errors import EnvironmentProblem, ModelError, UsageError
-from miocli.generation import GenerationOverrides
-from miocli.pipeline import Engine, Prompt
-from miocli.runtime import (
-    Runtime,
+from miocli.model.devices import (
     RuntimeOptions,
     bitsandbytes_problem,
     quiet_bitsandbytes,
@@ -25,7 +26,7 @@ from miocli.runtime import (
     resolve_quantize,
     validate_options,
 )
-from miocli.tasks import TASKS
+from miocli.model.runtime import Runtime
 
 CPU = torch.device("cpu")
 needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only fallbacks")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from miocli.generation import GenerationSettings, RowSampler, row_seed
+from miocli.core.generation import row_seed
+from miocli.engines.base import GenerationSettings
+from miocli.engines.transformers_processors import RowSampler
 
 
 def ban(*tokens: int):

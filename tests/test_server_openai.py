@@ -24,7 +24,7 @@ from PIL import Image
 
 from mio_testing import Server, one_torch_thread  # noqa: F401 (autouse fixture)
 from miocli import Mio
-from miocli.pipeline import Prompt
+from miocli.core.prompts import Prompt
 
 openai = pytest.importorskip("openai")
 
@@ -317,8 +317,9 @@ def test_the_client_sees_bad_uploads_as_bad_requests(client: Any):
 
 
 def test_finish_reason_is_length_when_the_limit_or_the_context_is_reached():
-    from miocli.results import Result
-    from miocli.server_openai import Plan, _finish_reason
+    from miocli.core.results import Result
+    from miocli.serve.openai.chat import _finish_reason
+    from miocli.serve.openai.plans import Plan
 
     plan = Plan("chat", "chat", [], {}, max_new_tokens=100)
     answer = Result("chat", "q", token_ids=list(range(90)))

@@ -66,7 +66,7 @@ def test_the_rule_is_what_makes_them_decodable(on_vllm: dict):
 
 def test_media_tasks_open_their_segment_on_vllm(on_vllm: dict, model32: Path):
     from miocli import protocol
-    from miocli.tokenizer import MioTokenizer
+    from miocli.model.tokenizer import MioTokenizer
 
     tokenizer = MioTokenizer.from_dir(model32)
     image_begin, speech_begin = (tokenizer.token_to_id(t) for t in (protocol.IMAGE_BEGIN, protocol.SPEECH_BEGIN))

@@ -85,10 +85,12 @@ def test_beam_search_without_the_rule_runs_on_the_server(model32: Path, server: 
 
 
 def test_one_prompt_streams_its_ids_from_the_server(model32: Path, server: VllmServe):
-    from miocli.generation import GenerationOverrides
-    from miocli.pipeline import Engine, Prompt, task_prompt_text
-    from miocli.runtime import Runtime, RuntimeOptions
-    from miocli.tasks import TASKS
+    from miocli.core.generation import GenerationOverrides
+    from miocli.core.pipeline import Engine
+    from miocli.core.prompts import Prompt, task_prompt_text
+    from miocli.core.tasks import TASKS
+    from miocli.model.devices import RuntimeOptions
+    from miocli.model.runtime import Runtime
 
     engine = Engine(Runtime(RuntimeOptions(model=str(model32), device="cpu", engine_url=server.url)))
     seen: list[list[int]] = []

@@ -49,7 +49,7 @@ def head32_checkpoint(tiny_model: Path, folder: Path) -> Path:
 
     The codecs are links to the tiny checkpoint's; the LLM and its tokenizer files are written anew.
     """
-    from miocli.tiny import MARKER_FILE, build_tiny_llm
+    from miocli.model.tiny import MARKER_FILE, build_tiny_llm
 
     llm_files = {"config.json", "generation_config.json", "model.safetensors", "tokenizer.model",
                  "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", MARKER_FILE}

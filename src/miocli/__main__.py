@@ -1,3 +1,3 @@
-from miocli.cli import main
+from miocli.cli.app import main
 
 main()

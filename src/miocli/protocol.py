@@ -10,10 +10,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from miocli.tokenizer import MioTokenizer
+from typing import Any, Protocol
 
 STD_SYSTEM = (
     "You are MIO, an AI assistant capable of understanding and generating images, text, videos, "
@@ -212,8 +209,16 @@ def fill_placeholders(text: str, image_strings: Sequence[str] = (), speech_strin
     return text
 
 
+class Tokenizer(Protocol):
+    """What `encode_prompts` asks of a tokenizer (`miocli.model.tokenizer.MioTokenizer` is one)."""
+
+    def __call__(self, texts: list[str], *, padding: bool = False, truncation: bool = False,
+                 max_length: int | None = None,
+                 plain: Sequence[Sequence[tuple[int, int]]] | None = None) -> dict[str, list[list[int]]]: ...
+
+
 def encode_prompts(
-    tokenizer: MioTokenizer,
+    tokenizer: Tokenizer,
     texts: Sequence[str],
     *,
     batch_image_strings: Sequence[Sequence[str]] | None = None,

