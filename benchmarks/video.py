@@ -20,7 +20,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from miocli.media import video
+from miocli.media import frames, video
 
 WIDTH, HEIGHT, FPS, SECONDS, SCENES = 1280, 720, 25, 60, 6
 
@@ -59,15 +59,15 @@ def time_decode(path: Path) -> tuple[float, int]:
 
 
 def time_detection(path: Path, detect_width: int) -> tuple[float, int]:
-    info = video.probe_video(path)
-    saved = video.DETECT_WIDTH
-    video.DETECT_WIDTH = detect_width
+    info = frames.probe_video(path)
+    saved = frames.DETECT_WIDTH
+    frames.DETECT_WIDTH = detect_width
     try:
         start = time.perf_counter()
-        scenes, _ = video._detect_scenes(path, info, video.DEFAULT_THRESHOLD)
+        scenes, _ = frames.detect_scenes(path, info, video.DEFAULT_THRESHOLD)
         return time.perf_counter() - start, len(scenes)
     finally:
-        video.DETECT_WIDTH = saved
+        frames.DETECT_WIDTH = saved
 
 
 def main() -> None:
@@ -82,13 +82,13 @@ def main() -> None:
 
         decode_s, decoded = time_decode(path)
         start = time.perf_counter()
-        frames = video.extract_keyframes(path)
+        keyframes = video.extract_keyframes(path)
         extract_s = time.perf_counter() - start
 
         print(f"decode every frame (cv2 read loop): {decode_s:6.2f} s  {decoded / decode_s:7.1f} frames/s")
         print(
             f"extract_keyframes:                  {extract_s:6.2f} s  {total / extract_s:7.1f} frames/s"
-            f"  -> {len(frames)} keyframes at {[round(f.time_s, 2) for f in frames]}"
+            f"  -> {len(keyframes)} keyframes at {[round(f.time_s, 2) for f in keyframes]}"
         )
         for width in (WIDTH, 256, 128):
             seconds, scenes = time_detection(path, width)

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from miocli.codecs.seed.unclip import EMBEDDING_DIM, FOLDER_NAME, UnclipDecoder
+from miocli.codecs.seed.unclip import UnclipDecoder
+from miocli.codecs.seed.unclip_folder import EMBEDDING_DIM, FOLDER_NAME
 from miocli.codecs.seed.unclip_tiny import build_tiny
 from miocli.errors import EnvironmentProblem, ModelError, UsageError
 

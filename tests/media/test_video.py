@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from miocli.errors import EnvironmentProblem, InputError, UsageError
+from miocli.media.frames import probe_video
 from miocli.media.video import (
     DEFAULT_MAX_FRAMES,
     FRAME_TOKENS,
@@ -26,7 +27,6 @@ from miocli.media.video import (
     Keyframe,
     assemble_video,
     extract_keyframes,
-    probe_video,
 )
 
 SIZE = (160, 120)  # width, height
@@ -323,13 +323,13 @@ def test_a_video_cut_short_is_damaged(tmp_path: Path) -> None:
                                                                (1000, 949, True), (3, 1, False)])
 def test_a_frame_or_two_short_is_not_damage(tmp_path: Path, announced: int, decoded: int, damaged: bool) -> None:
     # Frame counts of real files are often estimates (duration x rate): a few frames short passes.
-    from miocli.media.video import _check_complete
+    from miocli.media.frames import check_complete
 
     if damaged:
         with pytest.raises(InputError, match="damaged"):
-            _check_complete(tmp_path / "clip.mp4", announced, decoded)
+            check_complete(tmp_path / "clip.mp4", announced, decoded)
     else:
-        _check_complete(tmp_path / "clip.mp4", announced, decoded)
+        check_complete(tmp_path / "clip.mp4", announced, decoded)
 
 
 def test_probe(videos: dict[str, Path]) -> None:

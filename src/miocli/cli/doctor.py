@@ -70,9 +70,9 @@ def _check_speech(model_dir: Path) -> list[str] | None:
 def _check_unclip(model_dir: Path) -> list[str] | None:
     # The layout and config checks UnclipDecoder.load makes before it reads any weights; loading the
     # real pipeline would read 5 GB (the weight headers were checked with the folder).
-    from miocli.codecs.seed.unclip import _check_layout
+    from miocli.codecs.seed.unclip_folder import check_layout
 
-    _check_layout(model_dir / checkpoint.UNCLIP_FOLDER)
+    check_layout(model_dir / checkpoint.UNCLIP_FOLDER)
     return None
 
 

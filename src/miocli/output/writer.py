@@ -13,7 +13,7 @@ A kill at any moment loses at most the batch in flight. A full disk stops the ru
 error that says what was written and what was not.
 
 The results may come from this process (`Mio`), from `mio serve` (`RemoteMio`) or from a Ray
-cluster's workers (`distributed.RayMio`, in input order as they finish, each input once): the
+cluster's workers (`scale.ray.RayMio`, in input order as they finish, each input once): the
 writer is the same, so the files, records and exit codes are too.
 """
 
