@@ -1,7 +1,8 @@
 """The image and speech tasks: caption, ask, imagine, edit, asr, tts, speak, speech2speech.
 
 Each command turns its arguments into targets (`run.py`) and streams them through the core into the
-writer; no model code here."""
+writer; no model code here.
+"""
 
 from __future__ import annotations
 

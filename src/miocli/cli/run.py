@@ -14,11 +14,7 @@ from typing import Any
 
 import typer
 
-from miocli.cli.options import (
-    Common,
-    emit_json,
-    err,
-)
+from miocli.cli.options import Common, emit_json, err
 from miocli.errors import UsageError
 
 # --example takes two values; Typer cannot declare a repeatable two-value option, so `app.main`
