@@ -1,7 +1,7 @@
 """Generation: prompts → token ids → the LLM (the engine seam) → parsed output.
 
 Media encoding (image/speech → token strings) and decoding (segments → pixels, samples) plug
-in around this (`stream.py`); prompt text comes from `prompts.py`; this module only knows token strings.
+in around this (`steps.py`); prompt text comes from `prompts.py`; this module only knows token strings.
 """
 
 from __future__ import annotations

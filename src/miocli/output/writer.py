@@ -1,6 +1,6 @@
 """The CLI's edge: each result written the moment it arrives, as files, a manifest line and stdout.
 
-The task core (`stream.py`) yields results in memory; this module decides where they go:
+The task core (`miocli.core.stream`) yields results in memory; this module decides where they go:
 
 - with `-o DIR`: the output files (`NAME.TASK.txt|png|wav`, frames and an mp4, story.md),
   then one manifest.jsonl line, each written atomically and never through a planted link;
