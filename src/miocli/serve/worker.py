@@ -111,6 +111,9 @@ class Worker:
         self.requests = 0
         self.batches = 0
         self.items_done = 0
+        # The jobs of the batch on the model now, and whether the server is stopping (see `shutdown`).
+        self.running: list[Job] = []
+        self.closing = False
         self.thread = threading.Thread(target=self._loop, name="mio-worker", daemon=True)
         self.thread.start()
 
@@ -126,7 +129,7 @@ class Worker:
         """Up to batch_size items of the oldest job's key, from that job and any others with the same key."""
         with self.lock:
             self.pending = [j for j in self.pending if not j.cancelled and j.next_item < len(j.items)]
-            if not self.pending:
+            if not self.pending or self.closing:
                 return None
             first = self.pending[0]
             limit = self._batch_limit(first)
@@ -142,12 +145,30 @@ class Worker:
         # --batch-size decides (a client's batch size only chunks its requests).
         return 1 if job.task == "interleave" else self.settings.batch_size
 
+    def shutdown(self, timeout_s: float) -> bool:
+        """Cancel every queued and running job and wait up to `timeout_s` for the thread to leave the
+        model; True when it did. Torch must not be inside a kernel when the interpreter exits (that
+        aborts the process instead of exiting 0)."""
+        stopping = MioError("the server is shutting down", hint="send the request again once it is back")
+        with self.lock:
+            self.closing = True
+            for job in [*self.pending, *self.running]:
+                if not job.cancelled:
+                    job.cancelled = True
+                    job.emit("error", stopping)
+            self.pending = []
+            self.lock.notify()
+        self.thread.join(timeout_s)
+        return not self.thread.is_alive()
+
     def _loop(self) -> None:
-        while True:
+        while not self.closing:
             with self.lock:
-                while not self.pending:
+                while not self.pending and not self.closing:
                     if not self.lock.wait(timeout=self._idle_wait()):
                         self._maybe_unload()
+            if self.closing:
+                return
             # A short window lets concurrent requests for the same task join this batch.
             time.sleep(self.settings.batch_window_s)
             taken = self._take_batch()
@@ -155,9 +176,13 @@ class Worker:
                 continue
             chosen, first = taken
             self.busy_since = time.monotonic()
+            with self.lock:
+                self.running = list({id(job): job for job, _ in chosen}.values())
             try:
                 self._run(chosen, first)
             finally:
+                with self.lock:
+                    self.running = []
                 self.busy_since = None
                 self.last_work = time.monotonic()
 
