@@ -299,9 +299,11 @@ def test_streamed_tokens_are_the_answer(tiny_model):
     task = TASKS["interleave"]
     prompt = Prompt(task_prompt_text(task, mio.variant, {"topic": "a red kite"}))
     seen: list[int] = []
-    reply = mio.run(task, [prompt], GenerationOptions(max_new_tokens=60, seed=0), on_tokens=seen.extend)[0]
+    reply = mio.run(task, [prompt], GenerationOptions(max_new_tokens=60, seed=0),
+                    on_tokens=lambda _n, ids: seen.extend(ids))[0]
     assert seen[: len(reply.token_ids)] == reply.token_ids and len(seen) >= len(reply.token_ids)
     # Beam search only settles its tokens at the end: nothing is streamed then.
     beamed: list[int] = []
-    mio.run(task, [prompt], GenerationOptions(max_new_tokens=8, beams=2), on_tokens=beamed.extend)
+    mio.run(task, [prompt], GenerationOptions(max_new_tokens=8, beams=2),
+            on_tokens=lambda _n, ids: beamed.extend(ids))
     assert beamed == []

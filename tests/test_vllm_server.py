@@ -96,7 +96,8 @@ def test_one_prompt_streams_its_ids_from_the_server(model32: Path, server: VllmS
     seen: list[list[int]] = []
     task = TASKS["chat"]
     [result] = engine.run(task, [Prompt(task_prompt_text(task, "instruct", {"question": "hello"}))],
-                          overrides=GenerationOverrides(num_beams=1, max_new_tokens=16), on_tokens=seen.append)
+                          overrides=GenerationOverrides(num_beams=1, max_new_tokens=16),
+                          on_tokens=lambda _n, ids: seen.append(ids))
     assert len(seen) > 1, "ids arrive in several chunks, not at the end"
     streamed = [i for chunk in seen for i in chunk]
     assert streamed[: len(result.token_ids)] == result.token_ids

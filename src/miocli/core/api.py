@@ -92,6 +92,8 @@ class Mio:
         template: str | None = None,
         embeddings_only: bool = False,
         on_part: Callable[[int, StoryPart], None] | None = None,
+        on_tokens: Callable[[int, list[int]], None] | None = None,
+        cancelled: Callable[[int], bool] | None = None,
         options: GenerationOptions | None = None,
         **settings: Any,
     ) -> Iterator[Result]:
@@ -105,6 +107,11 @@ class Mio:
         Other keywords: generation options (seed, batch_size, max_new_tokens, beams, sample,
         temperature, top_p, repetition_penalty, constrain), pixels (steps, guidance, size) and
         video frames (max_frames, uniform, threshold).
+
+        `on_tokens(index, ids)` sees an input's answer ids as they are generated (inputs of one prompt,
+        without beam search); `cancelled(index)` is asked at every step and stops that input's
+        generation once it says True. When every input of a batch is cancelled the stream raises
+        `miocli.engines.base.Cancelled`.
         """
         from miocli.core import stream
         from miocli.core.steps import StreamSettings
@@ -119,7 +126,8 @@ class Mio:
         shots = [Example(to_media(media, f"example {n + 1}"), answer) for n, (media, answer) in enumerate(examples)]
         context = _ItemContext(question, image, rate, with_timbre)
         items = (self._item(task, value, n, context) for n, value in enumerate(inputs))
-        run_settings = StreamSettings(options, pixel, frames, shots, template, on_part, embeddings_only)
+        run_settings = StreamSettings(options, pixel, frames, shots, template, on_part, embeddings_only,
+                                      on_tokens, cancelled)
         return stream.run(self, task, items, run_settings)
 
     def check_settings(self, task: str, settings: dict[str, Any], template: str | None = None) -> None:
@@ -308,9 +316,10 @@ class Mio:
         prompts: Sequence[Prompt],
         options: GenerationOptions | None = None,
         on_batch_done: Callable[[int], None] | None = None,
-        on_tokens: Callable[[list[int]], None] | None = None,
+        on_tokens: Callable[[int, list[int]], None] | None = None,
     ) -> list[Result]:
-        """Generate for ready prompts; `on_tokens` watches a single unbeamed prompt's ids as they come.
+        """Generate for ready prompts; `on_tokens(n, ids)` watches prompt n's ids as they come (without
+        beam search).
 
         The results carry text and media ids (`image_ids`, `speech_codes`), not decoded media.
         """

@@ -25,7 +25,7 @@ def interleave(run: Run, items: Iterable[Item]) -> Iterator[Result]:
             yield error_result(run.name, index, item, exc)
             continue
         watcher = _ImageWatcher(run, index)
-        run.generate([pending], on_tokens=watcher)
+        run.generate([pending], watch=watcher.watch)
         yield _story(run, pending, watcher)
 
 
@@ -78,7 +78,7 @@ class _ImageWatcher:
         self.current: list[int] | None = None
         self.decoded: list[tuple[list[int], Any]] = []
 
-    def __call__(self, token_ids: list[int]) -> None:
+    def watch(self, _index: int, token_ids: list[int]) -> None:
         for token in token_ids:
             if token == self.begin:
                 self.current = []

@@ -178,6 +178,8 @@ class Item:
     with_timbre: bool = False
     # A ready prompt text (chat, generate) instead of the task's template.
     prompt: str | None = None
+    # This input's own seed instead of the run's (the server batches requests with different seeds).
+    seed: int | None = None
 
 
 @dataclass

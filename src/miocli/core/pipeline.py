@@ -129,6 +129,17 @@ class Engine:
         if room < settings.max_new_tokens:
             self._check_room(task, room, length, context)
 
+    def check_text_size(self, characters: int) -> None:
+        """UsageError for a text that cannot fit the context whatever it says, known from its length:
+        a prompt of megabytes is refused at once instead of being tokenized first."""
+        context = self.context_length()
+        if context is None:
+            return
+        fewest = characters // self.runtime.tokenizer.longest_piece
+        if fewest >= context:
+            raise UsageError(f"the text is {characters:,} characters, at least {fewest:,} tokens, and the model reads "
+                             f"at most {context:,}", hint="shorten it")
+
     def run(
         self,
         task: Task,
@@ -136,14 +147,18 @@ class Engine:
         *,
         overrides: GenerationOverrides | None = None,
         batch_size: int = 1,
-        seed: int | None = None,
+        seed: int | Sequence[int | None] | None = None,
         samples: Sequence[int] | None = None,
         constrain: bool = True,
         on_batch_done: Callable[[int], None] | None = None,
-        on_tokens: Callable[[list[int]], None] | None = None,
+        on_tokens: Callable[[int, list[int]], None] | None = None,
+        cancelled: Callable[[int], bool] | None = None,
     ) -> list[Generated]:
         """Generate for every prompt. With a `seed`, each prompt's random stream comes from the seed,
-        its ids and its sample number (`samples`, default 0): the same answer in any batch."""
+        its ids and its sample number (`samples`, default 0): the same answer in any batch. `seed`
+        may also be one seed per prompt (None: a random one), so that requests with their own seeds
+        share a batch. `on_tokens(n, ids)` and `cancelled(n)` are the engine's (`engines.base.Job`);
+        when every prompt is cancelled, `engines.base.Cancelled` is raised."""
         if batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
         settings = self.settings_for(task, overrides)
@@ -161,17 +176,9 @@ class Engine:
             settings, note = vllm_settings(settings, constrain)
             if note:
                 note_once(f"`{task.name}` on --engine vllm: {note}")
-        seeds = None
-        if seed is not None:
-            numbers = list(samples) if samples is not None else [0] * len(rows)
-            seeds = [row_seed(seed, row, sample) for row, sample in zip(rows, numbers)]
-        elif generator.name != "transformers" and settings.do_sample:
-            # vLLM starts from a fixed seed: without seeds of their own, unseeded runs would repeat their samples.
-            import secrets
-
-            seeds = [secrets.randbits(63) for _ in rows]
-        job = Job(rows, settings, self.stop_id(), tokenizer.pad_id, batch_size, seeds,
-                  self.rule_for(task) if constrain else None, on_batch_done, on_tokens)
+        job = Job(rows, settings, self.stop_id(), tokenizer.pad_id, batch_size,
+                  _row_seeds(rows, seed, samples, random=generator.name != "transformers" and settings.do_sample),
+                  self.rule_for(task) if constrain else None, on_batch_done, on_tokens, cancelled)
         outputs = generator.generate(job)
         results = []
         for prompt, ids in zip(prompts, outputs):
@@ -197,6 +204,21 @@ class Engine:
                               start_in_image=task.prefill == protocol.IMAGE_BEGIN)
 
         return rule
+
+def _row_seeds(rows: list[list[int]], seed: int | Sequence[int | None] | None, samples: Sequence[int] | None,
+               random: bool) -> list[int] | None:
+    """Each prompt's random seed (`row_seed`) from the run's seed or the prompts' own; None when no
+    prompt has one and the engine draws its own random streams (`random`: vLLM starts from a fixed
+    seed, so unseeded runs there would repeat their samples without seeds of their own)."""
+    import secrets
+
+    given = list(seed) if isinstance(seed, Sequence) else [seed] * len(rows)
+    if all(s is None for s in given) and not random:
+        return None
+    numbers = list(samples) if samples is not None else [0] * len(rows)
+    return [secrets.randbits(63) if s is None else row_seed(s, row, sample)
+            for s, row, sample in zip(given, rows, numbers)]
+
 
 # ---- recordings that must fit one prompt ------------------------------------------------------
 # MIO_PROTOCOL §4: one token per layer for every 320 samples of 16 kHz audio, i.e. 50 per second.

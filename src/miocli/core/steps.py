@@ -44,6 +44,10 @@ class StreamSettings:
     on_part: Callable[[int, StoryPart], None] | None = None
     # tokenize: the (n, 1024) unCLIP embeddings instead of pixels.
     embeddings_only: bool = False
+    # Called with (input index, new ids) as an input's answer is generated (one prompt, no beams).
+    on_tokens: Callable[[int, list[int]], None] | None = None
+    # Called with an input index: True once its answer is no longer wanted (stops at the next step).
+    cancelled: Callable[[int], bool] | None = None
 
 
 def batches(items: Iterable[Item], size: int) -> Iterator[list[tuple[int, Item]]]:
@@ -202,26 +206,56 @@ class Run:
             pending.images = []
 
     # ---- generation --------------------------------------------------------------------------
-    def generate(self, pendings: list[Pending], on_tokens: Callable[[list[int]], None] | None = None) -> None:
-        """Generate every prompt of the batch: one engine call per task (ask mixes image, audio, video)."""
+    def generate(self, pendings: list[Pending], watch: Callable[[int, list[int]], None] | None = None) -> None:
+        """Generate every prompt of the batch: one engine call per task (ask mixes image, audio, video).
+
+        The new ids of an input with one prompt go to `watch` and to the run's `on_tokens` as they come
+        (an input of several prompts, a long recording's parts, is generated side by side: its ids
+        would interleave); the run's `cancelled` stops an input's prompts.
+        """
         by_task: dict[str, list[Pending]] = {}
         for pending in pendings:
             by_task.setdefault(pending.task.name, []).append(pending)
         options = self.options
         for group in by_task.values():
             prompts = [prompt for p in group for prompt in p.prompts]
-            samples = [p.item.sample for p in group for _ in p.prompts]
+            owners = [p for p in group for _ in p.prompts]
+            samples = [p.item.sample for p in owners]
+            seeds = [options.seed if p.item.seed is None else p.item.seed for p in owners]
             # The LLM is in use until its answers are out: a component loaded meanwhile (an interleaved
             # story's images) never releases it.
             with self.runtime.using("llm"):
                 generated = self.mio.engine.run(
                     group[0].task, prompts, overrides=options.overrides(), batch_size=options.batch_size,
-                    seed=options.seed, samples=samples, constrain=options.constrain, on_tokens=on_tokens,
+                    seed=seeds, samples=samples, constrain=options.constrain,
+                    on_tokens=self._token_router(owners, watch), cancelled=self._cancel_check(owners),
                 )
             start = 0
             for pending in group:
                 pending.generated = generated[start : start + len(pending.prompts)]
                 start += len(pending.prompts)
+
+    def _token_router(self, owners: list[Pending],
+                      watch: Callable[[int, list[int]], None] | None) -> Callable[[int, list[int]], None] | None:
+        """The engine's (prompt n, ids) as (input index, ids), for inputs of one prompt."""
+        listeners = [f for f in (watch, self.settings.on_tokens) if f is not None]
+        if not listeners:
+            return None
+        single = {p.index for p in owners if len(p.prompts) == 1}
+
+        def route(n: int, ids: list[int]) -> None:
+            index = owners[n].index
+            if index in single:
+                for listener in listeners:
+                    listener(index, ids)
+
+        return route
+
+    def _cancel_check(self, owners: list[Pending]) -> Callable[[int], bool] | None:
+        cancelled = self.settings.cancelled
+        if cancelled is None:
+            return None
+        return lambda n: bool(cancelled(owners[n].index))
 
     def check_lengths(self, pending: Pending) -> None:
         """A prompt too long for the context is this input's error, not the batch's."""

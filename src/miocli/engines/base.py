@@ -46,9 +46,19 @@ class GenerationSettings:
     beam_scoring: str = "answer"
 
 
+class Cancelled(Exception):
+    """Raised by an engine when every prompt of its job was cancelled: nothing is left to generate."""
+
+
 @dataclass
 class Job:
-    """One `Engine.run` call as an engine sees it."""
+    """One `Engine.run` call as an engine sees it.
+
+    `on_tokens(n, ids)` sees prompt n's new ids as they are chosen, for every prompt generated
+    without beam search (a beam's tokens are only final at its end, so beamed answers come whole).
+    `cancelled(n)` says prompt n's answer is no longer wanted: the engine stops it at its next step
+    and frees its place; when every prompt is cancelled, `generate` raises `Cancelled`.
+    """
 
     prompts: Sequence[Sequence[int]]
     settings: GenerationSettings
@@ -59,7 +69,16 @@ class Job:
     # max_new_tokens -> the rule for that budget; None runs unconstrained (--no-constrain).
     rule_for: Callable[[int], Rule] | None = None
     on_batch_done: Callable[[int], None] | None = None
-    on_tokens: Callable[[list[int]], None] | None = None
+    on_tokens: Callable[[int, list[int]], None] | None = None
+    cancelled: Callable[[int], bool] | None = None
+
+    def is_cancelled(self, n: int) -> bool:
+        return self.cancelled is not None and self.cancelled(n)
+
+    def check_cancelled(self, prompts: Sequence[int]) -> None:
+        """Raise `Cancelled` when none of these prompts is wanted any more."""
+        if self.cancelled is not None and all(self.cancelled(n) for n in prompts):
+            raise Cancelled
 
 
 class Generator(Protocol):

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from miocli.engines.base import GenerationSettings, Job
 from miocli.engines.rules import MediaVocabulary
-from miocli.engines.transformers_processors import RowSampler, SegmentConstraint
+from miocli.engines.transformers_processors import RowSampler, RowWatch, SegmentConstraint
 from miocli.errors import UsageError
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ class TransformersEngine:
         return generate(
             self.runtime.llm, self.runtime.tokenizer, job.prompts, job.settings, stop_id=job.stop_id,
             batch_size=job.batch_size, seeds=job.seeds, constraint_factory=factory,
-            on_batch_done=job.on_batch_done, on_tokens=job.on_tokens,
+            on_batch_done=job.on_batch_done, on_tokens=job.on_tokens, cancelled=job.cancelled,
         )
 
 
@@ -72,7 +72,8 @@ def generate(
     seeds: Sequence[int] | None = None,
     constraint_factory: Callable[[int, int], Any] | None = None,
     on_batch_done: Callable[[int], None] | None = None,
-    on_tokens: Callable[[list[int]], None] | None = None,
+    on_tokens: Callable[[int, list[int]], None] | None = None,
+    cancelled: Callable[[int], bool] | None = None,
 ) -> list[list[int]]:
     """New token ids for each prompt (prompt and padding removed, stop token dropped).
 
@@ -80,13 +81,17 @@ def generate(
     results come back in the input order. When sampling, `seeds` gives each prompt its own
     random stream (see `row_seed`), so its answer is the same in any batch; without seeds the
     streams are random. Beam sampling has no per-row sampler in transformers: each of its
-    prompts is generated alone. `on_tokens` sees the new ids as they are chosen, for one prompt
+    prompts is generated alone. `on_tokens(n, ids)` sees prompt n's new ids as they are chosen,
     without beam search (a beam's tokens are only final at its end); otherwise it is not called.
+    `cancelled(n)` stops prompt n at the next step (its answer so far is returned); a batch whose
+    prompts are all cancelled is skipped, and `Cancelled` is raised when none is left.
     """
     import secrets
 
     import torch
-    from transformers import LogitsProcessorList
+    from transformers import LogitsProcessorList, StoppingCriteriaList
+
+    from miocli.engines.base import Cancelled
 
     if seeds is None:
         seeds = [secrets.randbits(63) for _ in prompts]
@@ -99,6 +104,9 @@ def generate(
     pad_id = tokenizer.pad_id
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
+        if cancelled is not None and all(cancelled(i) for i in chunk):
+            results.update({i: [] for i in chunk})
+            continue
         width = max(len(prompts[i]) for i in chunk)
         ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
@@ -116,9 +124,10 @@ def generate(
             processors.append(constraint)
         if beam_sampling:
             torch.manual_seed(seeds[chunk[0]])
-        streamer = None
-        if on_tokens is not None and len(prompts) == 1 and settings.num_beams == 1:
-            streamer = _TokenStream(on_tokens)
+        watch = StoppingCriteriaList()
+        if on_tokens is not None or cancelled is not None:
+            watch.append(RowWatch(chunk, stop_id, beams=settings.num_beams > 1, on_tokens=on_tokens,
+                                  cancelled=cancelled))
         reference = settings.beam_scoring == "reference" and settings.num_beams > 1
         scoring = reference_beam_scoring(llm, stop_id) if reference else contextlib.nullcontext()
         with torch.inference_mode(), scoring:
@@ -128,7 +137,7 @@ def generate(
                 logits_processor=processors,
                 eos_token_id=stop_id,
                 pad_token_id=pad_id,
-                streamer=streamer,
+                stopping_criteria=watch,
                 **hf_generate_kwargs(run_settings),
             )
         for row, index in enumerate(chunk):
@@ -140,6 +149,8 @@ def generate(
             results[index] = new
         if on_batch_done is not None:
             on_batch_done(len(chunk))
+    if cancelled is not None and all(cancelled(i) for i in range(len(prompts))):
+        raise Cancelled
     return [results[i] for i in range(len(prompts))]
 
 
@@ -188,20 +199,3 @@ def reference_beam_scoring(llm: Any, stop_id: int) -> Iterator[None]:
         del llm._update_finished_beams
         del llm._check_early_stop_heuristic
 
-
-class _TokenStream:
-    """A transformers streamer (put/end) handing each step's new ids to a callback."""
-
-    def __init__(self, callback: Callable[[list[int]], None]) -> None:
-        self.callback = callback
-        self.prompt_seen = False
-
-    def put(self, value: Any) -> None:
-        # generate() first puts the prompt itself; only what follows is new.
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.callback([int(token) for token in value.reshape(-1).tolist()])
-
-    def end(self) -> None:
-        pass

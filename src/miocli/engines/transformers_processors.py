@@ -1,7 +1,10 @@
-"""The transformers engine's logits processors: the decodable-output rule, and per-row seeded sampling.
+"""The transformers engine's hooks into `generate()`: the decodable-output rule, per-row seeded
+sampling, and the per-step watch that streams and cancels rows.
 
 `SegmentConstraint` is the rule (`miocli.engines.rules`) as a transformers `LogitsProcessor`, as
-`miocli.engines.vllm_processor` is for vLLM; `RowSampler` gives each prompt its own random stream.
+`miocli.engines.vllm_processor` is for vLLM; `RowSampler` gives each prompt its own random stream;
+`RowWatch` is a stopping criterion that hands each row's new token to its prompt's callback and
+stops the rows whose answers are no longer wanted.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from miocli.engines.base import GenerationSettings
+from miocli.engines.base import Cancelled, GenerationSettings
 from miocli.engines.rules import MediaVocabulary, Rule, SegmentState
 
 if TYPE_CHECKING:
@@ -136,3 +139,43 @@ class RowSampler:
                             for row, generator in enumerate(self.generators)])
         only = torch.full_like(scores, float("-inf"))
         return only.scatter(1, chosen.unsqueeze(1), 0.0)
+
+
+class RowWatch:
+    """A stopping criterion called after every step with the rows so far.
+
+    Without beams, row i is prompt `prompts[i]`: its newest token goes to `on_tokens` until it has
+    stopped. A row whose prompt is `cancelled` is reported finished, so transformers pads it from
+    then on and the batch ends as soon as the rows still wanted do; when none is wanted the whole
+    call ends at once (`Cancelled`). With beams, transformers passes the candidate rows of every
+    prompt in turn (a fixed number per prompt): a cancelled prompt's candidates all stop.
+    """
+
+    def __init__(self, prompts: Sequence[int], stop_id: int, *, beams: bool,
+                 on_tokens: Any = None, cancelled: Any = None) -> None:
+        self.prompts = list(prompts)
+        self.stop_id = stop_id
+        self.beams = beams
+        self.on_tokens = None if beams else on_tokens
+        self.cancelled = cancelled
+        self.stopped = [False] * len(self.prompts)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **_: Any) -> torch.BoolTensor:
+        import torch
+
+        gone = [bool(self.cancelled(n)) for n in self.prompts] if self.cancelled is not None \
+            else [False] * len(self.prompts)
+        if all(gone):
+            raise Cancelled
+        if self.on_tokens is not None:
+            newest = input_ids[:, -1].tolist()
+            for row, token in enumerate(newest):
+                if self.stopped[row] or gone[row]:
+                    continue
+                if token == self.stop_id:
+                    self.stopped[row] = True
+                else:
+                    self.on_tokens(self.prompts[row], [int(token)])
+        per_prompt = max(1, input_ids.shape[0] // len(self.prompts))
+        done = torch.tensor([gone[row // per_prompt] for row in range(input_ids.shape[0])], dtype=torch.bool)
+        return done.to(input_ids.device)

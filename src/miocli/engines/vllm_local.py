@@ -134,6 +134,11 @@ class VllmLocal:
 
         knobs = vllm_request_settings(settings)
         extra = {XARG: job.rule_for(settings.max_new_tokens).to_json()} if job.rule_for is not None else None
+        watched = job.on_tokens is not None or job.cancelled is not None
+        if watched:
+            from vllm.sampling_params import RequestOutputKind
+
+            knobs["output_kind"] = RequestOutputKind.DELTA
         params = []
         for n in range(len(job.prompts)):
             seed = job.seeds[n] if (settings.do_sample and job.seeds is not None) else None
@@ -141,6 +146,10 @@ class VllmLocal:
                 max_tokens=settings.max_new_tokens, stop_token_ids=[job.stop_id], ignore_eos=True, seed=seed,
                 extra_args=extra, detokenize=False, **knobs))
         prompts = [TokensPrompt(prompt_token_ids=list(p)) for p in job.prompts]
+        if watched:
+            results = _stepwise(llm, prompts, params, job)
+            _report(job, results, streamed=True)
+            return results
         # All prompts at once: vLLM batches them continuously; --batch-size only paces progress reports.
         outputs = llm.generate(prompts, params, use_tqdm=False)
         results = [finish(out.outputs[0].token_ids, job.stop_id, job.pad_id) for out in outputs]
@@ -164,10 +173,53 @@ class VllmLocal:
         return results
 
 
-def _report(job: Job, results: list[list[int]]) -> None:
-    """Progress and streaming after the fact: vLLM's offline API hands back whole answers."""
-    if job.on_tokens is not None and len(results) == 1 and results[0] and job.settings.num_beams == 1:
-        job.on_tokens(results[0])
+def _stepwise(llm: Any, prompts: list[Any], params: list[Any], job: Job) -> list[list[int]]:
+    """The prompts through vLLM's engine one step at a time: each step's new ids go to `on_tokens`
+    as they come, and a cancelled prompt is aborted at once, its place going to the others."""
+    import secrets
+
+    engine = llm.llm_engine
+    run = secrets.token_hex(6)
+    live: dict[str, int] = {}
+    for n, (prompt, param) in enumerate(zip(prompts, params)):
+        if not job.is_cancelled(n):
+            live[str(engine.add_request(f"mio-{run}-{n}", prompt, param))] = n
+    answers: list[list[int]] = [[] for _ in prompts]
+    stopped: set[int] = set()
+    try:
+        while live:
+            gone = [rid for rid, n in live.items() if job.is_cancelled(n)]
+            if gone:
+                engine.abort_request(gone)
+                for rid in gone:
+                    del live[rid]
+                continue
+            for out in engine.step():
+                n = live.get(out.request_id)
+                if n is None:
+                    continue
+                new = [int(i) for i in out.outputs[0].token_ids] if out.outputs and n not in stopped else []
+                if job.stop_id in new:
+                    new = new[: new.index(job.stop_id)]
+                    stopped.add(n)
+                answers[n] += new
+                if new and job.on_tokens is not None:
+                    job.on_tokens(n, new)
+                if out.finished:
+                    del live[out.request_id]
+    finally:
+        if live:  # an error (or a cancelled call) must not leave requests running in the engine
+            engine.abort_request(list(live))
+    job.check_cancelled(range(len(prompts)))
+    return [finish(ids, job.stop_id, job.pad_id) for ids in answers]
+
+
+def _report(job: Job, results: list[list[int]], streamed: bool = False) -> None:
+    """Progress (and streaming, after the fact) for vLLM's offline API, which hands back whole answers."""
+    if not streamed and job.on_tokens is not None and job.settings.num_beams == 1:
+        for n, ids in enumerate(results):
+            if ids:
+                job.on_tokens(n, ids)
     if job.on_batch_done is not None:
         for start in range(0, len(results), job.batch_size):
             job.on_batch_done(len(results[start : start + job.batch_size]))

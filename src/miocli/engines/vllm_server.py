@@ -87,8 +87,10 @@ class VllmServer:
         self._has_rule = True
 
     # ---- generation ----------------------------------------------------------------------------
-    def _request(self, job: Job, prompt: list[int], seed: int | None,
-                 on_tokens: Any = None) -> list[int]:
+    def _request(self, job: Job, n: int, seed: int | None) -> list[int]:
+        if job.is_cancelled(n):
+            return []
+        prompt = list(job.prompts[n])
         settings = job.settings
         body: dict[str, Any] = {
             "model": self.model(), "prompt": prompt, "max_tokens": settings.max_new_tokens,
@@ -104,9 +106,14 @@ class VllmServer:
                 body["seed"] = seed
             if job.rule_for is not None:
                 body["vllm_xargs"] = {XARG: job.rule_for(settings.max_new_tokens).to_json()}
-        if on_tokens is not None:
+        if (job.on_tokens is not None or job.cancelled is not None) and settings.num_beams == 1:
             body["stream"] = True
-            return finish(self._stream(body, on_tokens), job.stop_id, job.pad_id)
+
+            def arrived(ids: list[int]) -> None:
+                if job.on_tokens is not None:
+                    job.on_tokens(n, ids)
+
+            return finish(self._stream(body, arrived, lambda: job.is_cancelled(n)), job.stop_id, job.pad_id)
         status, answer = self._call("/v1/completions", body)
         if status != 200:
             message = answer.get("error", answer) if isinstance(answer, dict) else answer
@@ -120,14 +127,17 @@ class VllmServer:
                                      hint="use a vLLM release whose /v1/completions takes return_token_ids")
         return finish(ids, job.stop_id, job.pad_id)
 
-    def _stream(self, body: dict[str, Any], on_tokens: Any) -> list[int]:
-        """A streamed completion (server-sent events): each chunk's ids to `on_tokens` as they arrive."""
+    def _stream(self, body: dict[str, Any], on_tokens: Any, cancelled: Any = None) -> list[int]:
+        """A streamed completion (server-sent events): each chunk's ids to `on_tokens` as they arrive.
+        Once `cancelled()` says so the connection is closed, which makes vLLM abort the request."""
         request = urllib.request.Request(self.url + "/v1/completions", data=json.dumps(body).encode(),
                                          method="POST", headers={"Content-Type": "application/json"})
         ids: list[int] = []
         try:
             with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:  # noqa: S310 (the user's URL)
                 for raw in response:
+                    if cancelled is not None and cancelled():
+                        break
                     line = raw.decode("utf-8", "replace").strip()
                     if not line.startswith("data:") or line == "data: [DONE]":
                         continue
@@ -137,7 +147,8 @@ class VllmServer:
                     new = [int(i) for c in chunk.get("choices", []) for i in (c.get("token_ids") or [])]
                     if new:
                         ids += new
-                        on_tokens(new)
+                        if on_tokens is not None:
+                            on_tokens(new)
         except urllib.error.HTTPError as exc:
             raise ModelError(f"the vLLM server at {self.url} refused the request ({exc.code}): "
                              f"{exc.read()[:500].decode('utf-8', 'replace')}",
@@ -152,19 +163,15 @@ class VllmServer:
             self.check_rule()
         sampled = job.settings.do_sample and job.seeds is not None
         seeds = [job.seeds[n] if sampled else None for n in range(len(job.prompts))]  # type: ignore[index]
-        if job.on_tokens is not None and len(job.prompts) == 1 and job.settings.num_beams == 1:
-            results = [self._request(job, list(job.prompts[0]), seeds[0], job.on_tokens)]
-            if job.on_batch_done is not None:
-                job.on_batch_done(1)
-            return results
         results: list[list[int]] = []
         # One request per prompt, `batch_size` in flight: the server batches them continuously,
         # and each sampled prompt keeps its own seed (its answer does not depend on its neighbours).
         with ThreadPoolExecutor(max_workers=max(1, job.batch_size)) as pool:
             for start in range(0, len(job.prompts), job.batch_size):
                 chunk = range(start, min(start + job.batch_size, len(job.prompts)))
-                results += pool.map(lambda n: self._request(job, list(job.prompts[n]), seeds[n]), chunk)
+                results += pool.map(lambda n: self._request(job, n, seeds[n]), chunk)
                 if job.on_batch_done is not None:
                     job.on_batch_done(len(chunk))
-        # Several prompts or beams: `on_tokens` is not called, as with transformers (a beam is only final at its end).
+        # With beams `on_tokens` is not called, as with transformers (a beam is only final at its end).
+        job.check_cancelled(range(len(job.prompts)))
         return results

@@ -143,6 +143,11 @@ class MioTokenizer:
             return self.sp.IdToPiece(token_id)
         return self.unk_token
 
+    @functools.cached_property
+    def longest_piece(self) -> int:
+        """The most characters one token of plain text can stand for (a bound for length checks)."""
+        return max((len(self.sp.IdToPiece(i)) for i in range(self.sp_size)), default=1) or 1
+
     @property
     def bos_id(self) -> int:
         return self.token_to_id(self.bos_token)

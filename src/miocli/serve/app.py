@@ -60,6 +60,7 @@ def create_app(mio: Any, settings: ServeSettings) -> FastAPI:
             "status": "ok", "model": str(runtime.options.model or "default"), "loaded": runtime.loaded(),
             "memory_bytes": memory_in_use(), "uptime_s": round(time.time() - started, 1),
             "requests": worker.requests, "batches": worker.batches, "inputs": worker.items_done,
+            "tokens": worker.tokens_generated,
             "busy": worker.busy_since is not None, "version": _version(),
         }
 

@@ -17,11 +17,12 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from miocli.core.inputs import Example, Item
 from miocli.core.results import StoryPart
+from miocli.engines.base import Cancelled
 from miocli.errors import EnvironmentProblem, MioError, UsageError
 
 # The server's log: a copy of stderr taken at start. While a decoder runs, miocli.quiet points fd 2
@@ -76,11 +77,15 @@ class Job:
     examples: list[Example]
     template: str | None
     embeddings_only: bool
+    # Whether the request shows its answers as they are generated ("tokens" events).
+    streams_tokens: bool = False
     # Filled by the worker from its thread, read by the request's coroutine on its event loop.
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
     next_item: int = 0
     cancelled: bool = False
+    # Set when the client hung up (the log says 499, as nginx does, rather than an error).
+    client_left: bool = False
 
     def emit(self, kind: str, value: Any) -> None:
         """From the worker thread: hand an event to the request's coroutine."""
@@ -91,9 +96,24 @@ class Job:
         """Jobs with the same key can share a generation batch."""
         examples = [(e.media.name, len(e.media.data or b""), e.answer) for e in self.examples]
         # A client's batch size only says how it chunks its inputs; the server's --batch-size decides.
-        settings = {k: v for k, v in self.settings.items() if k != "batch_size"}
+        # A seed goes with each input (`own_seed`) where it only seeds the LLM's sampling.
+        per_item = {"batch_size", "seed"} if self.task in ITEM_SEEDED else {"batch_size"}
+        settings = {k: v for k, v in self.settings.items() if k not in per_item}
         return json.dumps([self.task, settings, examples, self.template, self.embeddings_only], sort_keys=True,
                           default=str)
+
+
+# Tasks whose seed only seeds the LLM's sampling, so that requests with different seeds can share a
+# batch (each input's stream comes from its own seed: the answer is that of the request run alone).
+# The image tasks also seed their pictures' noise, which is one per batch.
+ITEM_SEEDED = frozenset({"chat", "generate", "ask", "caption", "asr", "tts", "speak", "speech2speech",
+                         "video_caption"})
+
+
+def own_seed(job: Job, index: int) -> Item:
+    item = job.items[index]
+    seed = job.settings.get("seed")
+    return replace(item, seed=seed) if job.task in ITEM_SEEDED and seed is not None else item
 
 
 class Worker:
@@ -111,6 +131,8 @@ class Worker:
         self.requests = 0
         self.batches = 0
         self.items_done = 0
+        # Answer tokens generated (beams' excepted: theirs are final only at the end), for /health.
+        self.tokens_generated = 0
         # The jobs of the batch on the model now, and whether the server is stopping (see `shutdown`).
         self.running: list[Job] = []
         self.closing = False
@@ -187,8 +209,10 @@ class Worker:
                 self.last_work = time.monotonic()
 
     def _run(self, chosen: list[tuple[Job, int]], first: Job) -> None:
-        items = [job.items[index] for job, index in chosen]
+        items = [own_seed(job, index) for job, index in chosen]
         settings = {**first.settings, "batch_size": len(items)}
+        if first.task in ITEM_SEEDED:
+            settings.pop("seed", None)
         self.batches += 1
         self.items_done += len(items)
 
@@ -196,14 +220,27 @@ class Worker:
             job, index = chosen[position]
             job.emit("part", (index, part))
 
+        def on_tokens(position: int, ids: list[int]) -> None:
+            job, index = chosen[position]
+            self.tokens_generated += len(ids)
+            if job.streams_tokens and not job.cancelled:
+                job.emit("tokens", (index, ids))
+
+        def cancelled(position: int) -> bool:
+            # A client that left or ran out of time, or a server shutting down: stop at the next step.
+            return chosen[position][0].cancelled or self.closing
+
         try:
             stream = self.mio.stream(first.task, items, examples=[(e.media, e.answer) for e in first.examples],
                                      template=first.template, embeddings_only=first.embeddings_only,
-                                     on_part=on_part, **settings)
+                                     on_part=on_part, on_tokens=on_tokens,
+                                     cancelled=cancelled, **settings)
             for result in stream:
                 job, index = chosen[result.index]
                 result.index = index
                 job.emit("result", result)
+        except Cancelled:
+            pass  # every job of the batch is gone: nobody waits for its results
         except MioError as exc:
             # A usage, model or environment problem ends every job of this batch with that error.
             for job in {id(job): job for job, _ in chosen}.values():

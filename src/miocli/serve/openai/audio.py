@@ -51,7 +51,7 @@ async def transcriptions(mio: Any, worker: Any, request: Request) -> Any:
     settings = mio_settings(body, GENERATION_EXTRAS)
     name, data = uploads[0]
     [result] = await run_plan(mio, worker, Plan("asr", "asr", [Item(name, {}, [Media(AUDIO, name, data=data)])],
-                                                settings))
+                                                settings), request)
     if response_format == "text":
         return PlainTextResponse(result.text)
     if response_format == "json":
@@ -89,5 +89,5 @@ async def speech(mio: Any, worker: Any, request: Request) -> Any:
     if body.get("stream_format", "audio") != "audio":
         raise OpenAIError("only stream_format audio is supported", param="stream_format")
     settings = mio_settings(body, GENERATION_EXTRAS)
-    [result] = await run_plan(mio, worker, Plan("tts", "tts", [Item(text, {"text": text})], settings))
+    [result] = await run_plan(mio, worker, Plan("tts", "tts", [Item(text, {"text": text})], settings), request)
     return Response(result.audio[0].to_bytes(response_format), media_type=AUDIO_TYPES[response_format])

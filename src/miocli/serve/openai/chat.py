@@ -16,10 +16,12 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from miocli.core.deltas import TextDeltas
 from miocli.core.inputs import Item, Media
 from miocli.core.results import Result
 from miocli.core.tasks import AUDIO, IMAGE
-from miocli.serve.openai.plans import Plan, count_prompt_tokens, run_plan
+from miocli.errors import MioError
+from miocli.serve.openai.plans import Plan, count_prompt_tokens, job_error, run_plan, submit_plan, watch_client
 from miocli.serve.openai.protocol import (
     AUDIO_EXPIRY_S,
     AUDIO_TYPES,
@@ -29,12 +31,17 @@ from miocli.serve.openai.protocol import (
     MODEL_ID,
     OpenAIError,
     b64decode,
+    from_mio,
     json_object,
     mio_settings,
     refuse_unknown,
     text_field,
     typed,
 )
+from miocli.serve.worker import events_of
+
+# Conversations longer than this are checked from their size first (a cheap bound; see check_text_size).
+SIZE_CHECK_CHARS = 2**16
 
 CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n",
                "stream", "stream_options", "modalities", "audio", *CHAT_EXTRAS,
@@ -261,37 +268,114 @@ async def chat_completions(mio: Any, worker: Any, request: Request) -> Any:
     body = await json_object(request)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
-        raise OpenAIError("'stream' must be true or false", param="stream")
+        raise OpenAIError("'stream' must be true or false", param="stream", code="invalid_type")
     options = body.get("stream_options", {})
     if not isinstance(options, dict) or not set(options) <= {"include_usage", "include_obfuscation"}:
         raise OpenAIError("'stream_options' may only hold include_usage", param="stream_options")
+    plan = await _checked_plan(mio, body, stream)
+    if stream:
+        return await _streamed(mio, worker, request, plan, options.get("include_usage") is True)
+    [result] = await run_plan(mio, worker, plan, request)
+    usage, finish = await _usage(mio, plan, result)
+    choice = {"index": 0, "message": _message(plan, result), "logprobs": None, "finish_reason": finish}
+    return {**_head(), "object": "chat.completion", "choices": [choice], "usage": usage}
+
+
+async def _checked_plan(mio: Any, body: dict[str, Any], stream: bool) -> Plan:
+    # A conversation of megabytes is refused from its size, before it is templated or tokenized.
+    size = sum(len(p.get("text", "")) if isinstance(p, dict) else len(p) if isinstance(p, str) else 0
+               for m in body.get("messages") or [] if isinstance(m, dict)
+               for p in (m.get("content") if isinstance(m.get("content"), list) else [m.get("content")]))
+    if size > SIZE_CHECK_CHARS:
+        try:
+            await asyncio.to_thread(mio.engine.check_text_size, size)
+        except MioError as exc:
+            raise OpenAIError(f"{exc.message} ({exc.hint})", param="messages",
+                              code="context_length_exceeded") from None
     plan = _chat_plan(mio, body)
-    # Generation is not token-streamed: the answer is awaited first, so a bad input is still a 400.
-    [result] = await run_plan(mio, worker, plan)
+    # Streamed answers come token by token, so with one beam unless the request asks for beams (a
+    # beam's tokens are only final at its end): those come whole, as vLLM's do.
+    if stream and "beams" not in plan.settings:
+        plan.settings["beams"] = 1
+    return plan
+
+
+def _head() -> dict[str, Any]:
+    return {"id": f"chatcmpl-{secrets.token_hex(12)}", "created": int(time.time()), "model": MODEL_ID,
+            "system_fingerprint": None}
+
+
+async def _usage(mio: Any, plan: Plan, result: Result) -> tuple[dict[str, int], str]:
     prompt_tokens = await count_prompt_tokens(mio, plan)
     context = await asyncio.to_thread(_context_length, mio)
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(result.token_ids),
              "total_tokens": prompt_tokens + len(result.token_ids)}
-    ident, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
-    head = {"id": ident, "created": created, "model": MODEL_ID, "system_fingerprint": None}
-    message, finish = _message(plan, result), _finish_reason(plan, result, prompt_tokens, context)
-    if not stream:
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-        return {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
-    chunk = {**head, "object": "chat.completion.chunk"}
-    with_usage = options.get("include_usage") is True
-    content = {k: v for k, v in message.items() if k in ("content", "audio") and v is not None}
-    deltas = [({"role": "assistant", "content": ""}, None), (content, None), ({}, finish)]
+    return usage, _finish_reason(plan, result, prompt_tokens, context)
 
-    async def events() -> AsyncIterator[bytes]:
-        for delta, reason in deltas:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-            yield _sse({**chunk, "choices": [choice], **({"usage": None} if with_usage else {})})
-        if with_usage:
-            yield _sse({**chunk, "choices": [], "usage": usage})
-        yield b"data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+async def _streamed(mio: Any, worker: Any, request: Request, plan: Plan, with_usage: bool) -> Any:
+    """Server-sent events: a chunk per piece of text as the answer is generated (one beam), or the
+    answer in one chunk (beams, spoken answers). Nothing is sent before generation has started, so a
+    bad input is still a 400; a client that hangs up stops its generation at the next step."""
+    spoken = plan.extra["spoken"]
+    job = submit_plan(mio, worker, plan, streams_tokens=not spoken and plan.settings.get("beams", 1) == 1)
+    timeout, started = worker.settings.request_timeout_s, time.monotonic()
+    events = events_of(job, timeout)
+    watcher = asyncio.create_task(watch_client(request, job))
+    try:
+        first = await anext(events)
+        if first[0] == "error":
+            raise job_error(first[1], started, timeout, plan)
+        if first[0] == "result" and first[1].error is not None:
+            raise from_mio(first[1].error, queued=True, limit_name=plan.limit_name)
+    except BaseException:
+        watcher.cancel()
+        job.cancelled = True
+        await events.aclose()
+        raise
+    chunk = {**_head(), "object": "chat.completion.chunk"}
+    usage_field = {"usage": None} if with_usage else {}
+    deltas = TextDeltas(mio.runtime.tokenizer.decode)
+
+    def sse(delta: dict[str, Any], reason: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+        return _sse({**chunk, "choices": [choice], **usage_field})
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            yield sse({"role": "assistant", "content": ""})
+            event: tuple[str, Any] | None = first
+            while event is not None:
+                kind, value = event
+                if kind == "tokens":
+                    piece = deltas.push(value[1])
+                    if piece:
+                        yield sse({"content": piece})
+                elif kind == "error" or (kind == "result" and value.error is not None):
+                    problem = job_error(value, started, timeout, plan) if kind == "error" else \
+                        from_mio(value.error, queued=True, limit_name=plan.limit_name)
+                    yield _sse({"error": {"message": problem.message, "type": problem.kind,
+                                          "param": problem.param, "code": problem.code}})
+                    break
+                elif kind == "result":
+                    message = _message(plan, value)
+                    rest = {k: v for k, v in message.items() if k == "audio" and v is not None}
+                    if message.get("content"):
+                        rest["content"] = deltas.finish(message["content"])
+                    usage, finish = await _usage(mio, plan, value)
+                    if rest.get("content") or "audio" in rest:
+                        yield sse(rest)
+                    yield sse({}, finish)
+                    if with_usage:
+                        yield _sse({**chunk, "choices": [], "usage": usage})
+                    break
+                event = await anext(events, None)
+            yield b"data: [DONE]\n\n"
+        finally:
+            watcher.cancel()
+            await events.aclose()
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def _sse(data: dict[str, Any]) -> bytes:

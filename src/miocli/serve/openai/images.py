@@ -67,7 +67,7 @@ async def generations(mio: Any, worker: Any, request: Request) -> Any:
     settings, count = _image_settings(body)
     text_field(body, "model", required=False)
     items = [Item(prompt, {"caption": prompt}, sample=k) for k in range(count)]
-    results = await run_plan(mio, worker, Plan("imagine", "imagine", items, settings))
+    results = await run_plan(mio, worker, Plan("imagine", "imagine", items, settings), request)
     return await asyncio.to_thread(_image_response, results)  # PNG encoding is slow for big images
 
 
@@ -88,5 +88,5 @@ async def edits(mio: Any, worker: Any, request: Request) -> Any:
     name, data = images[0]
     media = Media(IMAGE, name, data=data)
     items = [Item(name, {"question": prompt, "instruction": prompt}, [media], sample=k) for k in range(count)]
-    results = await run_plan(mio, worker, Plan("edit", "edit", items, settings))
+    results = await run_plan(mio, worker, Plan("edit", "edit", items, settings), request)
     return await asyncio.to_thread(_image_response, results)

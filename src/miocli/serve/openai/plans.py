@@ -45,26 +45,55 @@ def check_plan(mio: Any, plan: Plan) -> None:
         raise from_mio(exc, queued=False, limit_name=plan.limit_name) from None
 
 
-async def run_plan(mio: Any, worker: Any, plan: Plan) -> list[Result]:
-    """Queue the plan's job and wait for all its results; a failed input fails the request."""
+def submit_plan(mio: Any, worker: Any, plan: Plan, streams_tokens: bool = False) -> Job:
+    """Check the plan and queue its job."""
     check_plan(mio, plan)
-    job = Job(plan.task, plan.items, plan.settings, [], None, False)
+    job = Job(plan.task, plan.items, plan.settings, [], None, False, streams_tokens=streams_tokens)
     worker.submit(job)
+    return job
+
+
+async def watch_client(request: Any, job: Job) -> None:
+    """Cancel the job as soon as its client hangs up: its generation stops at the next step and
+    its batch place goes to others (a plain request would notice nothing until it answers).
+
+    The body has been read, so the next message the server hands over is the disconnect: waiting
+    for it costs nothing (polling `is_disconnected` sees nothing through an HTTP middleware).
+    """
+    while not job.cancelled:
+        message = await request.receive()
+        if message.get("type") == "http.disconnect":
+            job.client_left = True
+            job.cancelled = True
+            return
+        await asyncio.sleep(0.05)  # a late empty body message: not a reason to spin
+
+
+def job_error(value: Any, started: float, timeout: float, plan: Plan) -> OpenAIError:
+    if time.monotonic() - started >= timeout:
+        return OpenAIError(value.message, status=504, kind="timeout", code="timeout")
+    return from_mio(value, queued=True, limit_name=plan.limit_name)
+
+
+async def run_plan(mio: Any, worker: Any, plan: Plan, request: Any) -> list[Result]:
+    """Queue the plan's job and wait for all its results; a failed input fails the request."""
+    job = submit_plan(mio, worker, plan)
     timeout = worker.settings.request_timeout_s
     started = time.monotonic()
     results: list[Result | None] = [None] * len(plan.items)
+    watcher = asyncio.create_task(watch_client(request, job))
     try:
         async with aclosing(events_of(job, timeout)) as events:
             async for kind, value in events:
                 if kind == "result":
                     results[value.index] = value
                 elif kind == "error":
-                    if time.monotonic() - started >= timeout:
-                        raise OpenAIError(value.message, status=504, kind="timeout", code="timeout")
-                    raise from_mio(value, queued=True, limit_name=plan.limit_name)
+                    raise job_error(value, started, timeout, plan)
     except asyncio.CancelledError:
         job.cancelled = True  # the client went away: its place in the queue goes to others
         raise
+    finally:
+        watcher.cancel()
     done = [r for r in results if r is not None]
     for result in done:
         if result.error is not None:
