@@ -267,9 +267,17 @@ BAD_REQUESTS = {
     "an unknown argument": ("/v1/chat/completions", chat_body(frobnicate=1), 400, "frobnicate"),
     "a negative seed": ("/v1/chat/completions", chat_body(seed=-1), 400, "seed must be a whole number from 0"),
     "a text seed": ("/v1/chat/completions", chat_body(seed="zero"), 400, "'seed'"),
-    "zero max_tokens": ("/v1/chat/completions", chat_body(max_tokens=0), 400, "max_tokens must be at least 1"),
-    "huge beams": ("/v1/chat/completions", chat_body(beams=500), 400, "beams must be at most 64"),
-    "top_p above 1": ("/v1/chat/completions", chat_body(top_p=1.5), 400, "top_p must be in (0, 1]"),
+    "zero max_tokens": ("/v1/chat/completions", chat_body(max_tokens=0), 400, "'max_tokens': integer below minimum"),
+    "a text max_tokens": ("/v1/chat/completions", chat_body(max_tokens="5"), 400,
+                          "invalid type for 'max_tokens': expected an integer"),
+    "a text seed number": ("/v1/chat/completions", chat_body(seed="7"), 400, "invalid type for 'seed'"),
+    "temperature above 2": ("/v1/chat/completions", chat_body(temperature=3.5), 400,
+                            "'temperature': decimal above maximum value"),
+    "max_tokens past the context": ("/v1/chat/completions", chat_body(max_tokens=10_000_000), 400,
+                                    "the model's context"),
+    "a text image count": ("/v1/images/generations", b'{"prompt": "a kite", "n": "2"}', 400, "invalid type for 'n'"),
+    "huge beams": ("/v1/chat/completions", chat_body(beams=500), 400, "'beams': integer above maximum"),
+    "top_p above 1": ("/v1/chat/completions", chat_body(top_p=1.5), 400, "'top_p': decimal above maximum"),
     "too few tokens to speak": ("/v1/chat/completions", chat_body(modalities=["text", "audio"], max_tokens=2), 400,
                                 "max_tokens 2 is too small"),
     "a non-square size": ("/v1/images/generations", b'{"prompt": "a kite", "size": "64x32"}', 400, "not square"),
@@ -277,13 +285,13 @@ BAD_REQUESTS = {
     "url images": ("/v1/images/generations", b'{"prompt": "a kite", "response_format": "url"}', 400, "b64_json"),
     "too few image tokens": ("/v1/images/generations", b'{"prompt": "a kite", "max_new_tokens": 8}', 400,
                              "too small"),
-    "odd modalities": ("/v1/chat/completions", chat_body(modalities=[{"text": 1}]), 400, "'modalities'"),
+    "odd modalities": ("/v1/chat/completions", chat_body(modalities=[{"text": 1}]), 400, "'modalities[0]'"),
     "a text part without text": ("/v1/chat/completions", chat_body(messages=[{"role": "user", "content": [
         {"type": "text", "text": ["Hi"]}]}]), 400, "needs its text"),
     "a listed speech format": ("/v1/audio/speech", b'{"model": "mio", "input": "hi", "response_format": []}', 400,
-                               "not supported"),
+                               "supported values"),
     "mp3 speech": ("/v1/audio/speech", b'{"model": "mio", "input": "hi", "response_format": "mp3"}', 400,
-                   "wav or flac"),
+                   "'wav'"),
     "empty speech": ("/v1/audio/speech", b'{"model": "mio", "input": " "}', 400, "empty"),
     "a JSON upload": ("/v1/audio/transcriptions", b'{"model": "mio"}', 400, "multipart"),
     "an unknown route": ("/v1/embeddings", b"{}", 404, "Not Found"),
@@ -298,6 +306,23 @@ def test_bad_requests_get_openai_shaped_4xx_errors(server: str, case: str):
     error = json.loads(raw)["error"]
     assert set(error) == {"message", "type", "param", "code"} and words in error["message"], error
     assert error["type"] == "invalid_request_error" and "Traceback" not in raw.decode()
+
+
+ERROR_CODES = {"a text max_tokens": "invalid_type", "temperature above 2": "decimal_above_max_value",
+               "max_tokens past the context": "integer_above_max_value", "an unknown argument": "unknown_parameter",
+               "no model": "missing_required_parameter", "a negative seed": "invalid_value"}
+
+
+@pytest.mark.parametrize("case", ERROR_CODES, ids=list(ERROR_CODES))
+def test_errors_carry_openai_codes_not_class_names(server: str, case: str):
+    path, body, _status, _words = BAD_REQUESTS[case]
+    assert json.loads(post(server, path, body)[1])["error"]["code"] == ERROR_CODES[case]
+
+
+def test_models_retrieve_names_the_served_model_and_404s_others(client: Any):
+    assert client.models.retrieve("mio").id == "mio"
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.models.retrieve("gpt-4")
 
 
 def test_the_client_sees_bad_uploads_as_bad_requests(client: Any):

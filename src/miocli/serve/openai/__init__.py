@@ -5,8 +5,10 @@ batched with them and its result comes back as soon as its batch is decoded. The
 translate: OpenAI request → task, `Item`s and settings (checked before anything is queued), and
 `Result` → OpenAI response; docs/server_openai.md lists what maps to what.
 
-- `protocol`: the request fields, typed values and OpenAI-shaped errors every endpoint shares;
-- `plans`: a request's job (`Plan`), checked by the core, queued, its results awaited;
+- `protocol`: what every endpoint shares: the body reader, data URLs and base64, OpenAI-shaped errors;
+- `schema`: the request bodies as pydantic models (strict JSON types, OpenAI's ranges and error codes);
+- `plans`: a request's job (`Plan`), checked by the core, queued, its results awaited, cancelled when
+  its client hangs up;
 - `chat`, `images`, `audio`: one module per endpoint family;
 - `routes`: the routes on the app, and OpenAI-shaped 404/405s under /v1/.
 

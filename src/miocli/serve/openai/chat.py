@@ -24,34 +24,20 @@ from miocli.errors import MioError
 from miocli.serve.openai.plans import Plan, count_prompt_tokens, job_error, run_plan, submit_plan, watch_client
 from miocli.serve.openai.protocol import (
     AUDIO_EXPIRY_S,
-    AUDIO_TYPES,
-    CHAT_EXTRAS,
-    IGNORED,
     INPUT_AUDIO_FORMATS,
     MODEL_ID,
     OpenAIError,
     b64decode,
     from_mio,
     json_object,
-    mio_settings,
-    refuse_unknown,
-    text_field,
-    typed,
 )
+from miocli.serve.openai.schema import ChatRequest, parse
 from miocli.serve.worker import events_of
 
 # Conversations longer than this are checked from their size first (a cheap bound; see check_text_size).
 SIZE_CHECK_CHARS = 2**16
 
-CHAT_FIELDS = {"model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed", "n",
-               "stream", "stream_options", "modalities", "audio", *CHAT_EXTRAS,
-               # Accepted at their "off" values only (see _refuse_features).
-               "tools", "tool_choice", "functions", "function_call", "logprobs", "top_logprobs", "response_format",
-               "stop", "presence_penalty", "frequency_penalty", "logit_bias", "prediction", "reasoning_effort",
-               "web_search_options", "verbosity"}
-
-
-def _refuse_features(body: dict[str, Any]) -> None:
+def _refuse_features(request: ChatRequest) -> None:
     """Options MIO cannot honour are refused unless they are at the value that means "not used"."""
     unused: dict[str, Callable[[Any], bool]] = {
         "tools": lambda v: v == [], "functions": lambda v: v == [],
@@ -63,7 +49,8 @@ def _refuse_features(body: dict[str, Any]) -> None:
         "web_search_options": lambda v: False, "verbosity": lambda v: False,
     }
     for key, is_unused in unused.items():
-        if key in body and not is_unused(body[key]):
+        value = getattr(request, key)
+        if value is not None and not is_unused(value):
             raise OpenAIError(f"'{key}' is not supported by MIO", param=key, code="unsupported_parameter")
 
 
@@ -158,40 +145,25 @@ def _input_audio(value: Any, where: str, number: int) -> Media:
     return Media(AUDIO, f"audio {number}.{kind}", data=data)
 
 
-def _chat_plan(mio: Any, body: dict[str, Any]) -> Plan:
-    refuse_unknown(body, CHAT_FIELDS, IGNORED | {"parallel_tool_calls"})
-    _refuse_features(body)
-    text_field(body, "model")
-    if "n" in body and typed(body["n"], "int", "n") != 1:
+def _chat_plan(mio: Any, request: ChatRequest) -> Plan:
+    _refuse_features(request)
+    if request.n not in (None, 1):
         raise OpenAIError("'n' must be 1: one answer per request (send several requests, they are batched)",
                           param="n", code="unsupported_parameter")
-    modalities = body.get("modalities", ["text"])
-    if not isinstance(modalities, list) or not modalities or any(m not in ("text", "audio") for m in modalities):
-        raise OpenAIError("'modalities' must be [\"text\"] or [\"text\", \"audio\"]", param="modalities")
-    spoken = "audio" in modalities
-    audio_format = _audio_format(body.get("audio"), spoken)
-    limits = {k: typed(body[k], "int", k) for k in ("max_completion_tokens", "max_tokens") if k in body}
+    spoken = "audio" in (request.modalities or ["text"])
+    if request.audio is not None and not spoken:
+        raise OpenAIError("'audio' needs \"audio\" in 'modalities'", param="audio")
+    limits = {k: v for k in ("max_completion_tokens", "max_tokens") if (v := getattr(request, k)) is not None}
     if len(set(limits.values())) > 1:
         raise OpenAIError("'max_tokens' and 'max_completion_tokens' differ", param="max_tokens")
     known = {"max_new_tokens": next(iter(limits.values()))} if limits else {}
-    settings = mio_settings(body, {**CHAT_EXTRAS, "seed": "int", "temperature": "number", "top_p": "number"}, **known)
-    turns = _turns(body.get("messages"))
+    settings = request.mio_settings(**known)
+    turns = _turns(request.messages)
     media = [m for turn in turns for m in turn.media]
     plan = _media_plan(turns, media, spoken, settings) if media else _conversation_plan(mio, turns, spoken, settings)
-    plan.extra = {"audio_format": audio_format, "spoken": spoken}
+    plan.extra = {"audio_format": request.audio.format if request.audio else "wav", "spoken": spoken}
     plan.limit_name = next(iter(limits), "max_tokens")
     return plan
-
-
-def _audio_format(value: Any, spoken: bool) -> str:
-    if value is None:
-        return "wav"
-    if not spoken:
-        raise OpenAIError("'audio' needs \"audio\" in 'modalities'", param="audio")
-    kind = value.get("format", "wav") if isinstance(value, dict) else None
-    if not isinstance(kind, str) or kind not in AUDIO_TYPES:
-        raise OpenAIError(f"audio format {kind!r} is not supported; use wav or flac", param="audio.format")
-    return str(kind)
 
 
 def _conversation_plan(mio: Any, turns: list[Turn], spoken: bool, settings: dict[str, Any]) -> Plan:
@@ -265,37 +237,39 @@ def _message(plan: Plan, result: Result) -> dict[str, Any]:
 
 
 async def chat_completions(mio: Any, worker: Any, request: Request) -> Any:
-    body = await json_object(request)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise OpenAIError("'stream' must be true or false", param="stream", code="invalid_type")
-    options = body.get("stream_options", {})
-    if not isinstance(options, dict) or not set(options) <= {"include_usage", "include_obfuscation"}:
-        raise OpenAIError("'stream_options' may only hold include_usage", param="stream_options")
-    plan = await _checked_plan(mio, body, stream)
-    if stream:
-        return await _streamed(mio, worker, request, plan, options.get("include_usage") is True)
+    body = parse(ChatRequest, await json_object(request))
+    plan = await _checked_plan(mio, body)
+    if body.stream:
+        with_usage = body.stream_options is not None and body.stream_options.include_usage is True
+        return await _streamed(mio, worker, request, plan, with_usage)
     [result] = await run_plan(mio, worker, plan, request)
     usage, finish = await _usage(mio, plan, result)
     choice = {"index": 0, "message": _message(plan, result), "logprobs": None, "finish_reason": finish}
     return {**_head(), "object": "chat.completion", "choices": [choice], "usage": usage}
 
 
-async def _checked_plan(mio: Any, body: dict[str, Any], stream: bool) -> Plan:
+async def _checked_plan(mio: Any, body: ChatRequest) -> Plan:
     # A conversation of megabytes is refused from its size, before it is templated or tokenized.
     size = sum(len(p.get("text", "")) if isinstance(p, dict) else len(p) if isinstance(p, str) else 0
-               for m in body.get("messages") or [] if isinstance(m, dict)
+               for m in body.messages if isinstance(m, dict)
                for p in (m.get("content") if isinstance(m.get("content"), list) else [m.get("content")]))
+    context = await asyncio.to_thread(_context_length, mio)
     if size > SIZE_CHECK_CHARS:
         try:
             await asyncio.to_thread(mio.engine.check_text_size, size)
         except MioError as exc:
             raise OpenAIError(f"{exc.message} ({exc.hint})", param="messages",
                               code="context_length_exceeded") from None
+    for name in ("max_tokens", "max_completion_tokens", "max_new_tokens"):
+        value = getattr(body, name)
+        if context is not None and value is not None and value >= context:
+            raise OpenAIError(f"invalid '{name}': integer above maximum value; expected a value < {context} (the "
+                              f"model's context), but got {value} instead", param=name,
+                              code="integer_above_max_value")
     plan = _chat_plan(mio, body)
     # Streamed answers come token by token, so with one beam unless the request asks for beams (a
     # beam's tokens are only final at its end): those come whole, as vLLM's do.
-    if stream and "beams" not in plan.settings:
+    if body.stream and "beams" not in plan.settings:
         plan.settings["beams"] = 1
     return plan
 

@@ -37,10 +37,19 @@ def _handler(func: Callable[[Request], Awaitable[Any]]) -> Callable[[Request], A
 def add_openai_routes(app: Any, worker: Any) -> None:
     mio = worker.mio
 
+    started = int(time.time())
+    card = {"id": MODEL_ID, "object": "model", "created": started, "owned_by": "m-a-p"}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": MODEL_ID, "object": "model", "created": int(time.time()),
-                                            "owned_by": "m-a-p"}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model}")
+    async def model(model: str) -> Any:
+        if model != MODEL_ID:
+            return OpenAIError(f"the model '{model}' does not exist; this server serves '{MODEL_ID}'", status=404,
+                               param="model", code="model_not_found").response()
+        return card
 
     routes: dict[str, Callable[[Any, Any, Request], Awaitable[Any]]] = {
         "/v1/chat/completions": chat_completions, "/v1/images/generations": generations, "/v1/images/edits": edits,
