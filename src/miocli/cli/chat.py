@@ -61,14 +61,32 @@ def chat(
     mio = opts.make_mio()
     if interactive:
         return _interactive(mio, conversation, mode, system, options, opts.as_json)
+    shown = _Shown(not opts.as_json)
     reply = mio.chat(conversation, mode=mode, system=system, add_generation_prompt=not no_generation_prompt,
-                     options=options)
+                     options=options, on_text=shown.piece if shown.live else None)
     report_problems("answer", reply.problems)
     if opts.as_json:
         emit_json({"task": "chat", "input": _last_user(conversation), **reply.to_record()})
     else:
-        print(reply.text)
+        shown.done(reply.text)
     return 0
+
+
+class _Shown:
+    """An answer on stdout: on a terminal piece by piece as it is generated, else whole at its end."""
+
+    def __init__(self, wanted: bool) -> None:
+        self.live = wanted and sys.stdout is not None and sys.stdout.isatty()
+        self.started = False
+
+    def piece(self, text: str) -> None:
+        self.started = True
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def done(self, text: str) -> None:
+        print("" if self.started else text, flush=True)
+        self.started = False
 
 
 def _conversation(question: str | None, messages: str | None, interactive: bool) -> list[dict[str, Any]]:
@@ -104,17 +122,19 @@ def _interactive(mio: Any, history: list[dict[str, Any]], mode: str, system: str
 
     err("mio: interactive chat; an empty line or Ctrl-D ends it.")
     pending = list(history)
+    shown = _Shown(not as_json)
+    on_text = shown.piece if shown.live else None
     if pending and pending[-1].get("role") == "user":
-        reply = mio.chat(pending, mode=mode, system=system, options=options)
+        reply = mio.chat(pending, mode=mode, system=system, options=options, on_text=on_text)
         pending.append({"role": "assistant", "content": PromptText.trusted(reply.raw.strip())})
-        print(reply.text, flush=True)
+        shown.done(reply.text)
     while True:
         err("you> ")
         line = sys.stdin.readline()
         if not line or not line.strip():
             return 0
         pending.append({"role": "user", "content": line.rstrip("\n")})
-        reply = mio.chat(pending, mode=mode, system=system, options=options)
+        reply = mio.chat(pending, mode=mode, system=system, options=options, on_text=on_text)
         report_problems("answer", reply.problems)
         # History keeps the raw answer so media the model produced stays in context: mio wrote those
         # token strings, so they stay tokens (trusted), while everything the user typed is plain text.
@@ -122,7 +142,7 @@ def _interactive(mio: Any, history: list[dict[str, Any]], mode: str, system: str
         if as_json:
             emit_json({"task": "chat", "input": line.strip(), **reply.to_record()})
         else:
-            print(reply.text, flush=True)
+            shown.done(reply.text)
 
 
 @with_options("runtime", "ray", "generation", "batch", "json", "prompt", "output")

@@ -242,13 +242,29 @@ class Mio:
         system: str | None = None,
         add_generation_prompt: bool = True,
         options: GenerationOptions | None = None,
+        on_text: Callable[[str], None] | None = None,
         **settings: Any,
     ) -> Result:
-        """Answer a question or continue a conversation (Instruct model)."""
+        """Answer a question or continue a conversation (Instruct model).
+
+        `on_text` gets the answer's text in pieces as it is generated (with one beam; a beam search's
+        answer comes in one piece at its end); the pieces joined are the result's `text`.
+        """
+        from miocli.core.deltas import TextDeltas
+
         self._require_instruct("chat")
         text = self.chat_prompt(messages, mode=mode, system=system, add_generation_prompt=add_generation_prompt)
         item = Item(_last_user(messages), {"mode": mode}, prompt=text)
-        [result] = list(self.stream("chat", [item], options=options, **settings))
+        deltas = TextDeltas(lambda ids: self.runtime.tokenizer.decode(ids))
+
+        def watch(_index: int, ids: list[int]) -> None:
+            if on_text is not None and (piece := deltas.push(ids)):
+                on_text(piece)
+
+        [result] = list(self.stream("chat", [item], options=options, on_tokens=watch if on_text else None,
+                                    **settings))
+        if on_text is not None and result.error is None and (rest := deltas.finish(result.text)):
+            on_text(rest)
         return result.raise_for_error()
 
     def generate(self, prompts: str | Sequence[str], options: GenerationOptions | None = None,

@@ -109,7 +109,8 @@ class RemoteMio:
             pass
 
     def _results(self, response: http.client.HTTPResponse, offsets: list[int], start: int,
-                 on_part: Callable[[int, StoryPart], None] | None) -> Iterator[Result]:
+                 on_part: Callable[[int, StoryPart], None] | None,
+                 on_text: Callable[[int, str], None] | None = None) -> Iterator[Result]:
         while True:
             line = response.readline()
             if not line:
@@ -119,13 +120,17 @@ class RemoteMio:
                 result = wire.result_from_json(event["result"])
                 result.index = start + offsets[result.index]
                 yield result
+            elif event["type"] == "tokens" and on_text is not None and event.get("text"):
+                on_text(start + offsets[int(event["index"])], str(event["text"]))
             elif event["type"] == "part" and on_part is not None:
                 on_part(start + offsets[int(event["index"])], wire.part_from_json(event["part"]))
             elif event["type"] == "error":
                 raise wire.error_from_json(event["error"])
 
     def chat(self, messages: Any, *, mode: str = "std", system: str | None = None,
-             add_generation_prompt: bool = True, options: Any = None, **settings: Any) -> Result:
+             add_generation_prompt: bool = True, options: Any = None,
+             on_text: Callable[[str], None] | None = None, **settings: Any) -> Result:
+        """As `Mio.chat`, `on_text` included (the server sends the text as it is generated)."""
         from miocli.protocol import PromptText
 
         turns = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
@@ -137,9 +142,20 @@ class RemoteMio:
                 "add_generation_prompt": add_generation_prompt}
         if options is not None:
             settings = {**_options_dict(options), **settings}
-        body = {"inputs": [item], "settings": {k: v for k, v in settings.items() if v is not None}}
+        body = {"inputs": [item], "settings": {k: v for k, v in settings.items() if v is not None},
+                "stream_tokens": on_text is not None}
         response = self._request("POST", "/v1/run/chat", body)
-        [result] = list(self._results(response, [0], 0, None))
+        sent: list[str] = []
+
+        def arrived(_index: int, piece: str) -> None:
+            sent.append(piece)
+            if on_text is not None:
+                on_text(piece)
+
+        [result] = list(self._results(response, [0], 0, None, arrived))
+        shown = "".join(sent)
+        if on_text is not None and result.error is None and result.text.startswith(shown) and result.text != shown:
+            on_text(result.text[len(shown):])
         return result.raise_for_error()
 
 

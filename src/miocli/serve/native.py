@@ -27,7 +27,7 @@ def add_native_routes(app: FastAPI, mio: Any, worker: Worker, settings: ServeSet
         if first is not None:
             return first
         worker.submit(job)
-        return StreamingResponse(_ndjson(job, settings.request_timeout_s), media_type="application/x-ndjson")
+        return StreamingResponse(_ndjson(mio, job, settings.request_timeout_s), media_type="application/x-ndjson")
 
 
 def _validate(mio: Any, job: Job) -> Any:
@@ -54,8 +54,12 @@ def job_from_json(mio: Any, task: str, body: Any) -> Job:
     task = task.replace("-", "_")
     items = [_chat_item(mio, i) if task == "chat" and isinstance(i, dict) and "messages" in i
              else wire.item_from_json(i) for i in inputs]
-    return Job(task, items, settings,
-               wire.examples_from_json(body.get("examples") or []), template, bool(body.get("embeddings_only")))
+    # The answers' text as it is generated ("tokens" lines), for clients that show it as it comes.
+    streams_tokens = body.get("stream_tokens", False)
+    if not isinstance(streams_tokens, bool):
+        raise UsageError("'stream_tokens' must be true or false")
+    return Job(task, items, settings, wire.examples_from_json(body.get("examples") or []), template,
+               bool(body.get("embeddings_only")), streams_tokens=streams_tokens)
 
 
 def _chat_item(mio: Any, data: dict[str, Any]) -> Item:
@@ -87,10 +91,17 @@ async def _json_body(request: Any) -> Any:
         raise UsageError(f"the request body is not valid JSON ({str(exc)[:120]})") from None
 
 
-async def _ndjson(job: Job, timeout_s: float) -> AsyncIterator[bytes]:
+async def _ndjson(mio: Any, job: Job, timeout_s: float) -> AsyncIterator[bytes]:
+    from miocli.core.deltas import TextDeltas
+
+    deltas: dict[int, TextDeltas] = {}
     async for kind, value in events_of(job, timeout_s):
-        if kind == "result":
-            line: dict[str, Any] = {"type": "result", "result": wire.result_to_json(value)}
+        if kind == "tokens":
+            index, ids = value
+            stream = deltas.setdefault(index, TextDeltas(mio.runtime.tokenizer.decode))
+            line: dict[str, Any] = {"type": "tokens", "index": index, "ids": ids, "text": stream.push(ids)}
+        elif kind == "result":
+            line = {"type": "result", "result": wire.result_to_json(value)}
         elif kind == "part":
             index, part = value
             line = {"type": "part", "index": index, "part": wire.part_to_json(part)}

@@ -87,6 +87,10 @@ class Job:
     # Set when the client hung up (the log says 499, as nginx does, rather than an error).
     client_left: bool = False
 
+    def end_cancelled(self) -> None:
+        """From the worker thread: the job will get no more results; its coroutine stops waiting."""
+        self.emit("error", MioError("the request was cancelled", hint="its client left or its time ran out"))
+
     def emit(self, kind: str, value: Any) -> None:
         """From the worker thread: hand an event to the request's coroutine."""
         if self.loop is not None and not self.loop.is_closed():
@@ -150,6 +154,9 @@ class Worker:
     def _take_batch(self) -> tuple[list[tuple[Job, int]], Job] | None:
         """Up to batch_size items of the oldest job's key, from that job and any others with the same key."""
         with self.lock:
+            for job in self.pending:
+                if job.cancelled and job.next_item < len(job.items):
+                    job.end_cancelled()  # left while queued: nobody may wait for it till the timeout
             self.pending = [j for j in self.pending if not j.cancelled and j.next_item < len(j.items)]
             if not self.pending or self.closing:
                 return None
@@ -240,7 +247,9 @@ class Worker:
                 result.index = index
                 job.emit("result", result)
         except Cancelled:
-            pass  # every job of the batch is gone: nobody waits for its results
+            # Every job of the batch is gone; a coroutine still waiting for one of them stops now.
+            for job in {id(job): job for job, _ in chosen}.values():
+                job.end_cancelled()
         except MioError as exc:
             # A usage, model or environment problem ends every job of this batch with that error.
             for job in {id(job): job for job, _ in chosen}.values():

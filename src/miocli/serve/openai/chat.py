@@ -299,7 +299,7 @@ async def _streamed(mio: Any, worker: Any, request: Request, plan: Plan, with_us
     try:
         first = await anext(events)
         if first[0] == "error":
-            raise job_error(first[1], started, timeout, plan)
+            raise job_error(first[1], started, timeout, plan, job)
         if first[0] == "result" and first[1].error is not None:
             raise from_mio(first[1].error, queued=True, limit_name=plan.limit_name)
     except BaseException:
@@ -326,7 +326,7 @@ async def _streamed(mio: Any, worker: Any, request: Request, plan: Plan, with_us
                     if piece:
                         yield sse({"content": piece})
                 elif kind == "error" or (kind == "result" and value.error is not None):
-                    problem = job_error(value, started, timeout, plan) if kind == "error" else \
+                    problem = job_error(value, started, timeout, plan, job) if kind == "error" else \
                         from_mio(value.error, queued=True, limit_name=plan.limit_name)
                     yield _sse({"error": {"message": problem.message, "type": problem.kind,
                                           "param": problem.param, "code": problem.code}})

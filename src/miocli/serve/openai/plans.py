@@ -69,7 +69,10 @@ async def watch_client(request: Any, job: Job) -> None:
         await asyncio.sleep(0.05)  # a late empty body message: not a reason to spin
 
 
-def job_error(value: Any, started: float, timeout: float, plan: Plan) -> OpenAIError:
+def job_error(value: Any, started: float, timeout: float, plan: Plan, job: Job) -> OpenAIError:
+    if job.client_left:
+        # Nobody reads it; the status is for the log (nginx's "client closed request"), not a 5xx.
+        return OpenAIError("the client closed the request", status=499, kind="client_closed")
     if time.monotonic() - started >= timeout:
         return OpenAIError(value.message, status=504, kind="timeout", code="timeout")
     return from_mio(value, queued=True, limit_name=plan.limit_name)
@@ -88,7 +91,7 @@ async def run_plan(mio: Any, worker: Any, plan: Plan, request: Any) -> list[Resu
                 if kind == "result":
                     results[value.index] = value
                 elif kind == "error":
-                    raise job_error(value, started, timeout, plan)
+                    raise job_error(value, started, timeout, plan, job)
     except asyncio.CancelledError:
         job.cancelled = True  # the client went away: its place in the queue goes to others
         raise
