@@ -74,7 +74,24 @@ def run_cases(model: Path, engine_name: str, names: list[str] | None = None,
 
     engine = Engine(Runtime(RuntimeOptions(model=str(model), device="cpu", dtype="float32", engine=engine_name,
                                            engine_url=engine_url)))
-    return {name: run_case(engine, CASES[name]) for name in (names or list(CASES))}
+    results = {name: run_case(engine, CASES[name]) for name in (names or list(CASES))}
+    if names is None:
+        results["_watched"] = run_watched(engine)
+    return results
+
+
+def run_watched(engine: Engine) -> dict[str, Any]:
+    """A greedy batch of 4 with every prompt's ids streamed, and prompt 1 cancelled after 3 tokens."""
+    task = TASKS["chat"]
+    prompts = [Prompt(task_prompt_text(task, engine.runtime.variant, {"question": q})) for q in QUESTIONS]
+    overrides = GenerationOverrides(num_beams=1, max_new_tokens=24)
+    streamed: dict[int, list[int]] = {n: [] for n in range(len(prompts))}
+    results = engine.run(task, prompts, overrides=overrides, constrain=False, batch_size=4,
+                         on_tokens=lambda n, ids: streamed[n].extend(ids),
+                         cancelled=lambda n: n == 1 and len(streamed[1]) >= 3)
+    whole = engine.run(task, prompts, overrides=overrides, constrain=False, batch_size=4)
+    return {"ids": [r.token_ids for r in results], "streamed": [streamed[n] for n in range(len(prompts))],
+            "whole": [r.token_ids for r in whole]}
 
 
 GREEDY_CASES = [name for name, case in CASES.items() if case.get("greedy", True)]

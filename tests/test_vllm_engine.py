@@ -79,6 +79,15 @@ def test_beam_search_runs_in_process_without_the_rule(on_vllm: dict):
     assert len(ids) == 2 and all(0 < len(answer) <= 8 for answer in ids)
 
 
+def test_vllm_streams_every_row_and_cancels_one_while_the_others_go_on(on_vllm: dict):
+    watched = on_vllm["_watched"]
+    for n, (ids, streamed, whole) in enumerate(zip(watched["ids"], watched["streamed"], watched["whole"])):
+        if n == 1:
+            assert len(ids) < len(whole[1]) and streamed[: len(ids)] == ids
+        else:
+            assert streamed == ids == whole, n
+
+
 def test_cli_in_the_virtualenv_keeps_stdout_for_results(model32: Path, tmp_path: Path):
     """`mio caption --engine vllm --json`: one JSON line on stdout (vLLM logs to stdout unless told), the
     preset note once on stderr, and the caption greedy transformers gives."""

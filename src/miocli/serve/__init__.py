@@ -4,6 +4,7 @@
 the `/v1/run/{task}` route, `openai/` the OpenAI-compatible subset, `playground/` the page's files.
 `wire` is the JSON form of inputs and results that crosses a process (these routes, `client` for
 `--server`, Ray's rows). The package imports no web framework itself: `client` and `wire` stay light.
+Of the engines it knows only the seam's `Cancelled`, which ends a batch whose clients all left.
 
-May import: miocli, core, model, protocol, errors.
+May import: miocli, core, engines, model, protocol, errors.
 """
