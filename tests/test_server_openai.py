@@ -275,6 +275,9 @@ BAD_REQUESTS = {
                             "'temperature': decimal above maximum value"),
     "max_tokens past the context": ("/v1/chat/completions", chat_body(max_tokens=10_000_000), 400,
                                     "the model's context"),
+    # Refused from its size alone, before it is templated or tokenized.
+    "a conversation past the context": ("/v1/chat/completions", chat_body(messages=[
+        {"role": "user", "content": "word " * 20_000}]), 400, "the model reads at most"),
     "a text image count": ("/v1/images/generations", b'{"prompt": "a kite", "n": "2"}', 400, "invalid type for 'n'"),
     "huge beams": ("/v1/chat/completions", chat_body(beams=500), 400, "'beams': integer above maximum"),
     "top_p above 1": ("/v1/chat/completions", chat_body(top_p=1.5), 400, "'top_p': decimal above maximum"),
@@ -310,7 +313,8 @@ def test_bad_requests_get_openai_shaped_4xx_errors(server: str, case: str):
 
 ERROR_CODES = {"a text max_tokens": "invalid_type", "temperature above 2": "decimal_above_max_value",
                "max_tokens past the context": "integer_above_max_value", "an unknown argument": "unknown_parameter",
-               "no model": "missing_required_parameter", "a negative seed": "invalid_value"}
+               "no model": "missing_required_parameter", "a negative seed": "invalid_value",
+               "a conversation past the context": "context_length_exceeded"}
 
 
 @pytest.mark.parametrize("case", ERROR_CODES, ids=list(ERROR_CODES))
