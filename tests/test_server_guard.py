@@ -95,6 +95,8 @@ def test_a_cross_origin_request_is_refused(server):
         status, headers, body = post_json(port, path, CHAT, Origin="http://evil.example")
         error = json.loads(body)["error"]
         assert status == 403 and "evil.example" in error["message"] and {"type", "param", "code"} <= set(error)
+        # Each route family's own error shape: OpenAI's on its routes, the native one (with a hint) on /v1/run/.
+        assert error["type"] == ("UsageError" if path.startswith("/v1/run/") else "invalid_request_error")
         assert "access-control-allow-origin" not in headers
     assert raw(port, request(port, "GET", "/health", Origin="null"))[0] == 403
     # The server's own page (same origin) and its other loopback names are served, without CORS headers.

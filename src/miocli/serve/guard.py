@@ -36,6 +36,8 @@ MULTIPART_ROUTES = ("/v1/images/edits", "/v1/audio/transcriptions")
 # Above this a JSON body is parsed in a thread, so that the loop keeps serving the others meanwhile.
 OFF_LOOP_BYTES = 2**20
 PREFLIGHT_MAX_AGE_S = 600
+CODES = {401: "invalid_api_key", 403: "forbidden", 413: "request_too_large", 415: "unsupported_media_type",
+         503: "server_shutting_down"}
 
 
 @dataclass(frozen=True)
@@ -99,11 +101,17 @@ class _Refusal(Exception):
         super().__init__(message)
         self.status, self.message, self.hint, self.kind = status, message, hint, kind
 
-    async def send(self, send: Send, close: bool = False) -> None:
-        # The native error shape, with OpenAI's `param` and `code` so OpenAI clients read it too.
-        body = json.dumps({"error": {"type": self.kind, "message": self.message, "hint": self.hint,
-                                     "exit_code": 3 if self.kind != "UsageError" else 2, "param": None,
-                                     "code": None}}).encode()
+    async def send(self, send: Send, path: str, close: bool = False) -> None:
+        if path.startswith("/v1/") and not path.startswith("/v1/run/"):
+            # OpenAI's shape on its routes, so that its clients show the message.
+            text = f"{self.message} ({self.hint})" if self.hint else self.message
+            error: dict[str, Any] = {"message": text, "param": None, "code": CODES.get(self.status),
+                                     "type": "server_error" if self.status >= 500 else "invalid_request_error"}
+        else:
+            # The native shape, with OpenAI's `param` and `code` so OpenAI clients read it too.
+            error = {"type": self.kind, "message": self.message, "hint": self.hint,
+                     "exit_code": 3 if self.kind != "UsageError" else 2, "param": None, "code": None}
+        body = json.dumps({"error": error}).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         if close:  # the rest of the body is never read: the connection cannot carry another request
             headers.append((b"connection", b"close"))
@@ -176,7 +184,7 @@ class Guard:
                 receive = _replay(await self._read_body(receive, headers), receive)
             await self.app(scope, receive, sending)
         except _Refusal as refusal:
-            await refusal.send(sending, close=refusal.status in (413, 503))
+            await refusal.send(sending, scope.get("path", ""), close=refusal.status in (413, 503))
         except _ClientGone:
             pass
         finally:
@@ -225,23 +233,23 @@ class Guard:
         await send({"type": "http.response.body", "body": b""})
 
     def _check_request(self, scope: Scope, headers: dict[str, str]) -> None:
-        """The key, the Content-Type of a POST and a declared length over the limit."""
+        """The key, a declared length over the limit and the Content-Type of a POST."""
         path, method = scope.get("path", ""), scope["method"]
         # The page itself holds no secret: it loads without the key and asks for it before calling the API.
         public = method == "GET" and (path == "/" or path.startswith("/playground/"))
         key = self.settings.api_key
         if key is not None and not public and not _authorized(headers, key):
             raise _Refusal(401, "a valid API key is needed", "send it as 'Authorization: Bearer KEY' (MIO_API_KEY)")
+        length = headers.get("content-length")
+        if "transfer-encoding" not in headers and length is not None and (
+                not length.isdigit() or int(length) > self.settings.max_body_bytes):
+            raise self._too_large()
         if method == "POST":
             media = headers.get("content-type", "").split(";")[0].strip().lower()
             wanted = "multipart/form-data" if path in MULTIPART_ROUTES else "application/json"
             if media != wanted:
                 raise _Refusal(415, f"POST {path} takes Content-Type: {wanted} (got {media or 'none'})",
                                "send the body with that Content-Type header")
-        length = headers.get("content-length")
-        if "transfer-encoding" not in headers and length is not None and (
-                not length.isdigit() or int(length) > self.settings.max_body_bytes):
-            raise self._too_large()
 
     def _too_large(self) -> _Refusal:
         return _Refusal(413, f"the request body is larger than {self.settings.max_body_bytes // 2**20} MiB",
