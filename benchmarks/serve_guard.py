@@ -9,8 +9,8 @@ subprocesses on free loopback ports (OMP_NUM_THREADS=1). Figures:
    concurrent answers minus the idle median. Bodies: (a) a 43 MiB user message with `tools` (which MIO
    refuses: 400 as soon as the body is parsed, before any prompt), (b) the same message without `tools` (a
    valid request: its prompt is built and refused as over the context, the part the core does), (c) 70 MiB
-   sent chunked without Content-Length (413 once 64 MiB have arrived). Each body's status and seconds, and
-   the server's peak RSS (VmHWM) after each.
+   offered chunked without Content-Length on a raw socket, reading while sending (413 once 64 MiB have
+   arrived). Each body's status and seconds, and the server's peak RSS (VmHWM) after each.
 2. Shutdown: seconds from SIGTERM to exit and the exit status, for an idle server, for a server whose
    3 requests timed out at --request-timeout 0.5 while their batch (4 × 3000 new tokens) still runs
    (`--tries` servers), and for a server with a client stuck half-way through its body.
@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import select
 import socket
 import statistics
 import sys
@@ -66,19 +67,38 @@ def big_chat(mib: int, tools: bool) -> bytes:
     return json.dumps(body).encode()
 
 
-def chunks(total: int) -> Any:
-    piece = b" " * 2**20
-    for _ in range(total // len(piece)):
-        yield piece
+def chunked_over_limit(port: int, total: int) -> tuple[int | None, float]:
+    """`total` bytes offered chunked without Content-Length on a raw socket, reading while sending (a server
+    that refuses early answers before the client is done): (status, seconds to the answer)."""
+    start = time.perf_counter()
+    piece = b" " * 65536
+    chunk = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
+    answer, sent = b"", 0
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        sock.sendall(f"POST /v1/run/chat HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+                     "Transfer-Encoding: chunked\r\n\r\n".encode())
+        while sent < total:
+            if select.select([sock], [], [], 0)[0]:
+                break  # the server answered (or closed) before the body was done
+            try:
+                sock.sendall(chunk)
+            except OSError:
+                break
+            sent += len(piece)
+        answer = answer or sock.recv(200)
+    seconds = time.perf_counter() - start
+    print(f"chunked body: answered after {sent / 2**20:.1f} MiB of {total / 2**20:.0f} MiB were sent",
+          file=sys.stderr)
+    return (int(answer.split()[1]) if answer.startswith(b"HTTP/") else None), seconds
 
 
 def big_bodies(server: Server, mib: int) -> None:
     post(server.port, SMALL)  # loads the model
     idle = statistics.median(post(server.port, SMALL)[1] for _ in range(5))
-    cases = {f"(a) {mib} MiB chat with `tools` (refused once parsed)": (big_chat(mib, True), JSON_HEADERS),
-             f"(b) {mib} MiB chat, valid (prompt built, over the context)": (big_chat(mib, False), JSON_HEADERS),
-             "(c) 70 MiB chunked, no Content-Length": (chunks(70 * 2**20),
-                                                       {**JSON_HEADERS, "Transfer-Encoding": "chunked"})}
+    cases: dict[str, tuple[Any, dict[str, str]]] = {
+        f"(a) {mib} MiB chat with `tools` (refused once parsed)": (big_chat(mib, True), JSON_HEADERS),
+        f"(b) {mib} MiB chat, valid (prompt built, over the context)": (big_chat(mib, False), JSON_HEADERS),
+        "(c) 70 MiB offered chunked, no Content-Length": (70 * 2**20, {})}
     print(f"\n1. A 4-token chat next to one big body (server defaults, --max-body-mb 64); idle 4-token chat: "
           f"{idle:.3f} s (median of 5)\n")
     print("| big body | its answer | its seconds | concurrent 4-token chats | slowest | delay vs idle "
@@ -86,7 +106,8 @@ def big_bodies(server: Server, mib: int) -> None:
     print("|---|---|---|---|---|---|---|")
     for name, (body, headers) in cases.items():
         result: list[tuple[int | None, float]] = []
-        sender = threading.Thread(target=lambda b=body, h=headers, r=result: r.append(post(server.port, b, headers=h)))
+        sender = threading.Thread(target=lambda b=body, h=headers, r=result: r.append(
+            chunked_over_limit(server.port, b) if isinstance(b, int) else post(server.port, b, headers=h)))
         sender.start()
         small: list[float] = []
         while sender.is_alive():

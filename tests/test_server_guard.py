@@ -7,6 +7,7 @@ library would not send what is tested (a foreign Host, a half-sent body, a chunk
 from __future__ import annotations
 
 import json
+import select
 import signal
 import socket
 import subprocess
@@ -165,25 +166,20 @@ def test_a_chunked_body_over_the_limit_is_refused_while_it_arrives(server):
             chunk = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
             sent = 0
             answer = b""
-            sock.settimeout(0.05)
             # Up to 64 MiB is offered; the answer must come after a little more than 1 MiB.
-            while sent < 64 * 2**20 and not answer:
+            while sent < 64 * 2**20 and not select.select([sock], [], [], 0)[0]:
                 try:
                     sock.sendall(chunk)
-                    sent += len(piece)
-                    answer = sock.recv(65536)
-                except TimeoutError:
-                    continue
                 except (BrokenPipeError, ConnectionResetError):
                     break
-            sock.settimeout(10)
-            while not answer.count(b"\r\n\r\n") or b"}" not in answer:
+                sent += len(piece)
+            while b"\r\n\r\n" not in answer or b"}" not in answer:
                 more = sock.recv(65536)
                 if not more:
                     break
                 answer += more
         assert answer.startswith(b"HTTP/1.1 413"), answer[:200]
-        assert sent < 8 * 2**20, sent
+        assert sent < 24 * 2**20, sent  # the limit plus what the kernel buffers, far from the 64 offered
         assert b"larger than 1 MiB" in answer
 
 
