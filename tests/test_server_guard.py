@@ -77,14 +77,20 @@ def test_a_foreign_host_is_refused_and_the_own_names_are_served(server):
     assert status == 403
 
 
-def test_allow_host_adds_a_name(tiny_model):
-    running = Server(tiny_model, "--allow-host", "mio.example", "--allow-host", "proxy.example:8443")
+def test_allow_host_adds_a_name_and_a_key_keeps_the_checks_on(tiny_model):
+    running = Server(tiny_model, "--allow-host", "mio.example", "--allow-host", "proxy.example:8443",
+                     "--api-key", "k3y")
     try:
         port = running.port
-        assert raw(port, request(port, "GET", "/health", host="mio.example"))[0] == 200
-        assert raw(port, request(port, "GET", "/health", host="proxy.example:8443"))[0] == 200
-        assert raw(port, request(port, "GET", "/health", host="proxy.example:8444"))[0] == 403
-        assert raw(port, request(port, "GET", "/health", host="other.example"))[0] == 403
+
+        def health(host: str, **headers: str) -> int:
+            return raw(port, request(port, "GET", "/health", host=host, Authorization="Bearer k3y", **headers))[0]
+
+        assert health("mio.example") == 200 and health("mio.example:1234") == 200
+        assert health("proxy.example:8443") == 200 and health("proxy.example:8444") == 403
+        assert health("other.example") == 403
+        assert health(f"127.0.0.1:{port}", Origin="http://evil.example") == 403
+        assert raw(port, request(port, "GET", "/health", host="mio.example"))[0] == 401
     finally:
         running.stop()
 
