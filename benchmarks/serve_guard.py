@@ -13,9 +13,10 @@ subprocesses on free loopback ports (OMP_NUM_THREADS=1). Figures:
    arrived). Each body's status and seconds, and the server's peak RSS (VmHWM) after each.
 2. Shutdown: seconds from SIGTERM to exit and the exit status, for an idle server, for a server whose
    3 requests timed out at --request-timeout 0.5 while their batch (4 × 3000 new tokens) still runs
-   (`--tries` servers), and for a server with a client stuck half-way through its body.
+   (`--tries` servers; the model thread is given 3 s to leave before the process exits without it), and
+   for a server with a client stuck half-way through its body.
 
-Run: python benchmarks/serve_guard.py [--tries 3] [--mib 43]
+Run: python benchmarks/serve_guard.py [--tries 3] [--mib 43] [--parts bodies,shutdown]
 """
 
 from __future__ import annotations
@@ -120,8 +121,7 @@ def big_bodies(server: Server, mib: int) -> None:
 
 
 def timed_out_then_sigterm(model: Path, env: dict[str, str], root: Path, attempt: int) -> tuple[int | None, float]:
-    server = Server(model, env, root / f"timeouts-{attempt}.log", ["--request-timeout", "0.5",
-                                                                     "--shutdown-timeout", "1"])
+    server = Server(model, env, root / f"timeouts-{attempt}.log", ["--request-timeout", "0.5"])
     with server:
         body = json.dumps({"inputs": [{"name": f"q{n}", "messages": [{"role": "user", "content": f"count {n}"}]}
                                       for n in range(4)],
@@ -170,15 +170,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tries", type=int, default=3, help="servers stopped after timed-out requests")
     parser.add_argument("--mib", type=int, default=43, help="size of the big chat bodies")
+    parser.add_argument("--parts", default="bodies,shutdown", help="which figures: bodies, shutdown or both")
     args = parser.parse_args()
     machine_facts()
     with tempfile.TemporaryDirectory(prefix="mio-serve-guard-") as tmp:
         root = Path(tmp)
         model = prepare(root, 1)
         env = {**child_env(root / "cache"), "OMP_NUM_THREADS": "1"}
-        with Server(model, env, root / "big.log", []) as server:
-            big_bodies(server, args.mib)
-        shutdowns(model, env, root, args.tries)
+        if "bodies" in args.parts:
+            with Server(model, env, root / "big.log", []) as server:
+                big_bodies(server, args.mib)
+        if "shutdown" in args.parts:
+            shutdowns(model, env, root, args.tries)
 
 
 if __name__ == "__main__":

@@ -119,7 +119,7 @@ def _version() -> str:
 # Once the in-flight requests are drained or cancelled: how long their connections may take to send
 # the last lines, and how long the model thread may take to leave its generation step.
 CLOSE_S = 3.0
-JOIN_S = 5.0
+JOIN_S = 3.0
 
 
 def listen_socket(host: str, port: int) -> socket.socket:
