@@ -296,7 +296,7 @@ BAD_REQUESTS = {
     "mp3 speech": ("/v1/audio/speech", b'{"model": "mio", "input": "hi", "response_format": "mp3"}', 400,
                    "'wav'"),
     "empty speech": ("/v1/audio/speech", b'{"model": "mio", "input": " "}', 400, "empty"),
-    "a JSON upload": ("/v1/audio/transcriptions", b'{"model": "mio"}', 400, "multipart"),
+    "a JSON upload": ("/v1/audio/transcriptions", b'{"model": "mio"}', 415, "multipart"),
     "an unknown route": ("/v1/embeddings", b"{}", 404, "Not Found"),
 }
 

@@ -8,17 +8,22 @@ set, body size limits, per-request timeouts, 4xx JSON errors, one bad request ne
 
 from __future__ import annotations
 
-import hmac
+import asyncio
+import contextlib
+import errno
+import os
 import signal
+import socket
+import sys
 import time
-from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from miocli.errors import MioError, UsageError
+from miocli.errors import EnvironmentProblem, MioError, UsageError
 from miocli.serve import wire
+from miocli.serve.guard import Guard, GuardSettings, GuardState
 from miocli.serve.native import add_native_routes
 from miocli.serve.openai.routes import add_openai_routes
 from miocli.serve.worker import ServeSettings, Worker, log
@@ -35,7 +40,7 @@ def check_bind(host: str, api_key: str | None, open_without_key: bool) -> None:
         )
 
 
-def create_app(mio: Any, settings: ServeSettings) -> FastAPI:
+def create_app(mio: Any, settings: ServeSettings, allowed: GuardSettings | None = None) -> FastAPI:
     app = FastAPI(title="mio serve", version=_version(), docs_url=None, redoc_url=None, openapi_url=None)
     worker = Worker(mio, settings)
     app.state.worker = worker
@@ -43,13 +48,9 @@ def create_app(mio: Any, settings: ServeSettings) -> FastAPI:
     app.state.settings = settings
     started = time.time()
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Callable[[Request], Any]) -> Any:
-        begin = time.perf_counter()
-        response = await _guarded(request, call_next, settings)
-        client = request.client.host if request.client else "-"
-        log(f"{client} {request.method} {request.url.path} {response.status_code} {time.perf_counter() - begin:.3f}s")
-        return response
+    # Pure ASGI, outside the routes: it reads the body before any route does (see guard.py).
+    app.state.guard = GuardState()
+    app.add_middleware(Guard, settings=settings, allowed=allowed or GuardSettings(), state=app.state.guard)
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -116,47 +117,82 @@ def _version() -> str:
     return __version__
 
 
-async def _guarded(request: Any, call_next: Callable[[Any], Any], settings: ServeSettings) -> Any:
-    """Key check and body size limit, before any handler reads the body."""
-    def refuse(status: int, message: str, hint: str | None = None) -> Any:
-        # The native error shape, with OpenAI's `param` and `code` so OpenAI clients read it too.
-        return JSONResponse({"error": {"type": "UsageError", "message": message, "hint": hint, "exit_code": 2,
-                                       "param": None, "code": None}}, status_code=status)
-
-    # The page itself holds no secret: it loads without the key and asks for it before calling the API.
-    public = request.method == "GET" and (request.url.path == "/" or request.url.path.startswith("/playground/"))
-    if settings.api_key is not None and not public and not _authorized(request, settings.api_key):
-        return refuse(401, "a valid API key is needed", "send it as 'Authorization: Bearer KEY' (MIO_API_KEY)")
-    length = request.headers.get("content-length")
-    if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-        return refuse(413, f"the request body is larger than {settings.max_body_bytes // 2**20} MiB",
-                      "send fewer or smaller inputs per request")
-    if length is None and request.method in ("POST", "PUT", "PATCH"):
-        return refuse(411, "the request needs a Content-Length header", "send the body in one piece")
-    return await call_next(request)
+# Once the in-flight requests are drained or cancelled: how long their connections may take to send
+# the last lines, and how long the model thread may take to leave its generation step.
+CLOSE_S = 3.0
+JOIN_S = 3.0
 
 
-def _authorized(request: Any, key: str) -> bool:
-    given = request.headers.get("authorization", "")
-    token = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-    return hmac.compare_digest(token.encode(), key.encode())
+def listen_socket(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything says "listening": a busy port is one line, exit 3."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise EnvironmentProblem(f"cannot listen on {host}:{port}: {exc.strerror or exc} (check --host)") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart may reuse the port
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        busy = exc.errno == errno.EADDRINUSE
+        raise EnvironmentProblem(f"cannot listen on {host}:{port}: " + (
+            "the port is in use (stop what listens there, or pick another --port)" if busy
+            else f"{exc.strerror or exc} (check --host and --port)")) from None
+    return sock
 
 
-def serve(mio: Any, settings: ServeSettings) -> int:
-    """Run the server until SIGTERM/SIGINT; in-flight requests are finished first."""
+def serve(mio: Any, settings: ServeSettings, allowed: GuardSettings | None = None,
+          shutdown_timeout_s: float = 10.0) -> int:
+    """Run the server until SIGTERM/SIGINT, then stop within a bounded time and exit 0.
+
+    On the signal it stops accepting at once and ends uploads still arriving (503); requests in
+    flight get `shutdown_timeout_s` to finish, then the worker cancels them (they end with an error
+    line); the model thread is joined before returning.
+    """
     import uvicorn
 
-    app = create_app(mio, settings)
-    where = f"http://{settings.host}:{settings.port}"
-    log(f"listening on {where} (model {mio.runtime.model_dir}; components load on first use)")
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=int(settings.request_timeout_s), lifespan="off")
-    server = uvicorn.Server(config)
-    # uvicorn re-raises the signal that stopped it once it has shut down; with these handlers in
-    # place that re-raise lands here instead of killing the process, so SIGTERM ends with exit 0.
-    stopped_by: list[int] = []
+    sock = listen_socket(settings.host, settings.port)
+    app = create_app(mio, settings, allowed)
+    worker: Worker = app.state.worker
+    guard: GuardState = app.state.guard
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            for listener in self.servers:
+                listener.close()
+            guard.close()
+            deadline = time.monotonic() + shutdown_timeout_s
+            while guard.active and time.monotonic() < deadline and not self.force_exit:
+                await asyncio.sleep(0.05)
+            worker.shutdown(0)  # cancels what is left; the thread is joined below
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=int(CLOSE_S),
+                            lifespan="off")
+    server = Server(config)
+    # Before uvicorn installs its own handlers (and after it restores these), a signal asks it to
+    # stop: one that comes right after "listening" is not lost, and uvicorn's re-raise of the signal
+    # that stopped it lands here instead of killing the process, so SIGTERM ends with exit 0.
     for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, lambda received, _frame: stopped_by.append(received))
-    server.run()
-    log("stopped (in-flight requests were finished)")
+        signal.signal(number, server.handle_exit)
+    log(f"listening on http://{settings.host}:{settings.port} (model {mio.runtime.model_dir}; components load "
+        "on first use)")
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if not worker.shutdown(JOIN_S):
+        # The model thread is still inside a generation step that does not check for cancellation.
+        # Letting the interpreter exit now would tear torch down under it ("terminate called without
+        # an active exception", exit 134); a daemon thread cannot be stopped from outside, so leave
+        # without the interpreter's teardown, after flushing what was written.
+        log("stopped (the model was still inside a generation step: not waiting for it)")
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(0)
+    log("stopped")
     return 0

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from miocli.core.inputs import Item
 from miocli.errors import MioError, UsageError
 from miocli.serve import wire
+from miocli.serve.guard import read_json_body
 from miocli.serve.worker import Job, ServeSettings, Worker, events_of
 
 
@@ -84,11 +85,7 @@ def _chat_item(mio: Any, data: dict[str, Any]) -> Item:
 
 
 async def _json_body(request: Any) -> Any:
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise UsageError(f"the request body is not valid JSON ({str(exc)[:120]})") from None
+    return await read_json_body(request)  # a large body is parsed off the event loop
 
 
 async def _ndjson(mio: Any, job: Job, timeout_s: float) -> AsyncIterator[bytes]:

@@ -1,4 +1,4 @@
-"""What every OpenAI endpoint shares: the request's fields and typed values, and OpenAI's error shape.
+"""What every OpenAI endpoint shares: the body reader, data URLs and base64, and OpenAI's error shape.
 
 Errors have OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`: 4xx for what the
 client can fix, 5xx only for a problem of the server or the model, never a traceback.
@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
-from miocli.errors import MioError
+from miocli.errors import MioError, UsageError
+from miocli.serve.guard import read_json_body
 
 MODEL_ID = "mio"
 MAX_IMAGES = 10
@@ -61,11 +61,10 @@ def from_mio(exc: MioError, queued: bool, limit_name: str = "max_new_tokens") ->
 
 
 async def json_object(request: Request) -> dict[str, Any]:
-    raw = await request.body()
     try:
-        body = json.loads(raw)
-    except (ValueError, RecursionError) as exc:
-        raise OpenAIError(f"the request body is not valid JSON ({str(exc)[:120]})") from None
+        body = await read_json_body(request)  # a large body is parsed off the event loop
+    except UsageError as exc:
+        raise OpenAIError(exc.message) from None
     if not isinstance(body, dict):
         raise OpenAIError("the request body must be a JSON object")
     return {k: v for k, v in body.items() if v is not None}
