@@ -183,7 +183,9 @@ def _stepwise(llm: Any, prompts: list[Any], params: list[Any], job: Job) -> list
     live: dict[str, int] = {}
     for n, (prompt, param) in enumerate(zip(prompts, params)):
         if not job.is_cancelled(n):
-            live[str(engine.add_request(f"mio-{run}-{n}", prompt, param))] = n
+            # Outputs and aborts name a request by the id given here (vLLM adds a suffix of its own inside).
+            engine.add_request(f"mio-{run}-{n}", prompt, param)
+            live[f"mio-{run}-{n}"] = n
     answers: list[list[int]] = [[] for _ in prompts]
     stopped: set[int] = set()
     try:
