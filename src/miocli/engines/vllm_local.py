@@ -196,6 +196,8 @@ def _stepwise(llm: Any, prompts: list[Any], params: list[Any], job: Job) -> list
                 for rid in gone:
                     del live[rid]
                 continue
+            if not engine.has_unfinished_requests():
+                break  # nothing left in the engine: every live request has ended
             for out in engine.step():
                 n = live.get(out.request_id)
                 if n is None:
