@@ -92,7 +92,8 @@ def scan(path: Path) -> SpeechFile | None:
                     return None
                 piece, rest = cut[: -len(SPEECH_END)], b""
             else:
-                cut = text.rfind(b">") + 1
+                end = text.find(SPEECH_END.encode())  # what follows the end is checked when the file ends
+                cut = end if end >= 0 else text.rfind(b">") + 1
                 piece, rest = text[:cut], text[cut:]
                 if len(rest) > 64:
                     return None  # a token is a dozen characters: this is not a token stream
