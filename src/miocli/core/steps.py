@@ -227,9 +227,11 @@ class Run:
         """A prompt too long for the context is this input's error, not the batch's."""
         engine = self.mio.engine
         settings = engine.settings_for(pending.task, self.options.overrides())
+        kinds = [media.kind for media in pending.item.media]
+        kind = max(set(kinds), key=lambda k: (k == VIDEO, k == AUDIO, kinds.count(k))) if kinds else None
         for row in engine.encode(pending.prompts):
             try:
-                engine.check_prompt_length(pending.task, settings, len(row))
+                engine.check_prompt_length(pending.task, settings, len(row), kind)
             except UsageError as exc:
                 raise InputError(exc.message, exc.hint, source=pending.item.name) from None
 
