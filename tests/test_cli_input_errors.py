@@ -90,3 +90,17 @@ def test_speech_gets_the_recording_hint_and_its_path(short_model: Path, tmp_path
     line, hint = _error(done)
     assert line.startswith(f"mio: error: {wav}: ")
     assert "mio asr" in hint and "splits long recordings" in hint
+
+
+def test_keyframes_too_many_for_memory_are_refused_before_work(tmp_path: Path) -> None:
+    """160x120 frames take 173 KB each (three copies): 102 MB leaves room for 11 besides the decoder's 100 MB."""
+    video = write_video(tmp_path / "clip.mp4", [(120, 20, 20), (30, 230, 230), (20, 20, 140)])
+    out = tmp_path / "frames"
+    done = run_mio("keyframes", str(video), "-o", str(out), "--max-frames", "20", env={"MIO_MEMORY_LIMIT": "102M"})
+    assert done.returncode == 3, done.stderr
+    line, hint = _error(done)
+    assert line.startswith(f"mio: error: {video} (160x120, 60 frames) needs about") and "keyframes" in line
+    assert "--max-frames 11 fits" in hint
+    assert not out.exists() or not any(out.glob("*.png"))
+    assert run_mio("keyframes", str(video), "-o", str(out), "--max-frames", "11",
+                   env={"MIO_MEMORY_LIMIT": "102M"}).returncode == 0

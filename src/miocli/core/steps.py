@@ -94,6 +94,11 @@ class Run:
             # The reference's infer.py describes videos to the Base model from uniform frames.
             frames = replace(frames, uniform=True)
         for media in item.media:
+            if media.kind == VIDEO and media.path is not None:
+                from miocli.core.room import check_video
+
+                check_video(media.path, media.name, frames, self.runtime.budget().free if self.runtime.budget().total
+                            else None)
             decoded = media.load(frames)
             if media.kind == AUDIO:
                 from miocli.media.audio import is_silent
