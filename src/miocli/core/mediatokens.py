@@ -139,12 +139,12 @@ def speech_windows(runtime: Runtime, blocks: Iterable[np.ndarray], frames: int,
     from miocli.codecs.speech.windows import decode_windows
 
     codec = runtime.speech_codec(DECODER)
-    _check_codes_range(codec)
+    _check_layers(codec)
     yield from decode_windows(codec, (_checked(codec, block) for block in blocks), frames, window=WINDOW_FRAMES,
                               progress=progress)
 
 
-def _check_codes_range(codec: Any) -> None:
+def _check_layers(codec: Any) -> None:
     if codec.n_q < protocol.SPEECH_LAYERS_IN_OUTPUT:
         raise InputError(f"speech codes have {protocol.SPEECH_LAYERS_IN_OUTPUT} layers, the codec has only "
                          f"{codec.n_q}")

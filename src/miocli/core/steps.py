@@ -97,8 +97,8 @@ class Run:
             if media.kind == VIDEO and media.path is not None:
                 from miocli.core.room import check_video
 
-                check_video(media.path, media.name, frames, self.runtime.budget().free if self.runtime.budget().total
-                            else None)
+                budget = self.runtime.budget()
+                check_video(media.path, media.name, frames, budget.free if budget.total else None)
             decoded = media.load(frames)
             if media.kind == AUDIO:
                 from miocli.media.audio import is_silent
@@ -233,7 +233,8 @@ class Run:
         engine = self.mio.engine
         settings = engine.settings_for(pending.task, self.options.overrides())
         kinds = [media.kind for media in pending.item.media]
-        kind = max(set(kinds), key=lambda k: (k == VIDEO, k == AUDIO, kinds.count(k))) if kinds else None
+        # What fills the prompt most: a video's frames, then a recording, then images.
+        kind = next((k for k in (VIDEO, AUDIO, IMAGE) if k in kinds), None)
         for row in engine.encode(pending.prompts):
             try:
                 engine.check_prompt_length(pending.task, settings, len(row), kind)
