@@ -72,7 +72,7 @@ def detokenize(
 ) -> int:
     """Turn <image>…</image> or <spch>…</spch> token strings back into files (more segments: NAME-2, …)."""
     from miocli.core.inputs import read_stdin
-    from miocli.output.detokenize import default_suffix, run_detokenize
+    from miocli.output.detokenize import default_suffix, run_detokenize, speech_format
     from miocli.output.files import display_name, json_line
     from miocli.output.stdout import print_line
 
@@ -83,7 +83,11 @@ def detokenize(
         elif value.lstrip().startswith("<"):
             sources.append((f"tokens {number}", f"{number:03d}", value))
         else:
-            sources.append((value, Path(value).stem, read_file(value)))
+            from miocli.output.speechout import scan_file
+
+            # One long speech segment is decoded from the file in windows; anything else is read whole.
+            long = None if embeddings_only else scan_file(value)
+            sources.append((value, Path(value).stem, long if long is not None else read_file(value)))
     several = len(sources) > 1
     if several and (output == "-" or Path(output).suffix):
         raise UsageError(f"{len(sources)} inputs need a folder for -o, not {output}",
@@ -92,14 +96,22 @@ def detokenize(
     failures = 0
     for name, stem, text in sources:
         from miocli import protocol
+        from miocli.output.speechout import write_speech_file
 
-        parsed = protocol.parse_output(text, extract=False)  # once: a token file can be megabytes
-        target = str(Path(output) / f"{stem}{default_suffix(parsed, embeddings_only)}") if several else output
+        if not isinstance(text, str) and not hasattr(mio, "runtime"):
+            text = read_file(name)  # a server decodes what it is sent
+        parsed = protocol.parse_output(text, extract=False) if isinstance(text, str) else None  # once: megabytes
+        suffix = default_suffix(parsed, embeddings_only) if parsed is not None else ".wav"
+        target = str(Path(output) / f"{stem}{suffix}") if several else output
         if several:
             Path(output).mkdir(parents=True, exist_ok=True)
         try:
-            written = run_detokenize(mio, parsed, target, embeddings_only=embeddings_only, overwrite=overwrite,
-                                     seed=seed, **pixel_settings(steps, guidance, size))
+            if parsed is None:
+                written = [write_speech_file(mio, text, display_name(name), target, speech_format(target),
+                                             overwrite=overwrite)]
+            else:
+                written = run_detokenize(mio, parsed, target, embeddings_only=embeddings_only, overwrite=overwrite,
+                                         seed=seed, source=display_name(name), **pixel_settings(steps, guidance, size))
         except MioError as exc:
             if not several:
                 raise

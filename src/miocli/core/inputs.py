@@ -188,3 +188,19 @@ class Example:
 
     media: Media
     answer: str
+
+
+LABEL_CHARS = 40
+
+
+def input_label(item: Item) -> str:
+    """The input as the user gave it, for an error line: a path or '-' as it is; a text input when short, or
+    its first LABEL_CHARS characters and its size (`prompt (36 KB) "hello world…"`) so a long one does not fill
+    the screen."""
+    name = item.name
+    if item.media or (len(name) <= LABEL_CHARS and "\n" not in name):
+        return name
+    size = len(name.encode("utf-8", "surrogateescape"))
+    shown = f"{size} bytes" if size < 1000 else f"{size / 1000:.0f} KB" if size < 1_000_000 else f"{size / 1e6:.1f} MB"
+    head = " ".join(name[:LABEL_CHARS].split())
+    return f'{"prompt" if item.prompt is not None else "text"} ({shown}) "{head}…"'

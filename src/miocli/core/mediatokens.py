@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +15,8 @@ if TYPE_CHECKING:
 
     from miocli.model.runtime import Runtime
 
+# Frames decoded at a time (20 s of speech); up to one window, decoding is the codec's one-piece decode.
+WINDOW_FRAMES = 1024
 ENCODER = frozenset({"encoder"})
 DECODER = frozenset({"decoder"})
 
@@ -111,11 +113,45 @@ def images_from_ids(
 
 
 def speech_from_codes(runtime: Runtime, codes: Sequence[Sequence[int]]) -> np.ndarray:
-    """16 kHz float32 samples of 4-layer speech codes (layers × frames)."""
-    import torch
+    """16 kHz float32 samples of 4-layer speech codes (layers × frames).
+
+    Up to one window this is the codec's one-piece decode; a longer answer is decoded window by window
+    (codecs/speech/windows.py), so its activations stay at one window's whatever its length.
+    """
+    import numpy as np
+
+    frames = len(codes[0]) if codes else 0
+    if frames <= WINDOW_FRAMES:
+        import torch
+
+        codec = runtime.speech_codec(DECODER)
+        tensor = torch.tensor([list(layer) for layer in codes], dtype=torch.long, device=runtime.device).unsqueeze(1)
+        with torch.inference_mode():
+            wave = codec.decode(tensor)
+        return wave[0, 0].float().cpu().numpy()
+    array = np.asarray([list(layer) for layer in codes], dtype=np.int64)
+    return np.concatenate(list(speech_windows(runtime, [array], frames)))
+
+
+def speech_windows(runtime: Runtime, blocks: Iterable[np.ndarray], frames: int,
+                   progress: Callable[[int, int], None] | None = None) -> Iterator[np.ndarray]:
+    """float32 samples of `frames` speech frames given as (layers, n) code blocks, one window's worth at a time."""
+    from miocli.codecs.speech.windows import decode_windows
 
     codec = runtime.speech_codec(DECODER)
-    tensor = torch.tensor([list(layer) for layer in codes], dtype=torch.long, device=runtime.device).unsqueeze(1)
-    with torch.inference_mode():
-        wave = codec.decode(tensor)
-    return wave[0, 0].float().cpu().numpy()
+    _check_layers(codec)
+    yield from decode_windows(codec, (_checked(codec, block) for block in blocks), frames, window=WINDOW_FRAMES,
+                              progress=progress)
+
+
+def _check_layers(codec: Any) -> None:
+    if codec.n_q < protocol.SPEECH_LAYERS_IN_OUTPUT:
+        raise InputError(f"speech codes have {protocol.SPEECH_LAYERS_IN_OUTPUT} layers, the codec has only "
+                         f"{codec.n_q}")
+
+
+def _checked(codec: Any, block: np.ndarray) -> np.ndarray:
+    if block.size and (int(block.min()) < 0 or int(block.max()) >= codec.codebook_size):
+        raise InputError(f"speech codes must lie in 0..{codec.codebook_size - 1}, found {int(block.min())}.."
+                         f"{int(block.max())}")
+    return block

@@ -99,7 +99,7 @@ class Engine:
         return settings
 
     @staticmethod
-    def _check_room(task: Task, room: int, prompt_tokens: int, context: int) -> None:
+    def _check_room(task: Task, room: int, prompt_tokens: int, context: int, kind: str | None) -> None:
         """A prompt so long that the image or speech the task must give cannot fit after it."""
         from miocli.core.generation import minimum_new_tokens
 
@@ -108,26 +108,29 @@ class Engine:
             raise UsageError(
                 f"the prompt is {prompt_tokens} tokens: the model's context of {context} leaves {room} for the "
                 f"answer, and `{task.name}` needs at least {needed}",
-                hint="shorten the input (fewer frames, a shorter recording or text)",
+                hint=shorten_hint(kind, context - needed, prompt_tokens),
             )
 
     def context_length(self) -> int | None:
         # From config.json until the LLM is loaded: a vLLM engine never loads it in this process.
         return context_length(self.runtime)
 
-    def check_prompt_length(self, task: Task, settings: GenerationSettings, length: int) -> None:
-        """UsageError when a prompt of `length` tokens leaves no room for the answer the task must give."""
+    def check_prompt_length(self, task: Task, settings: GenerationSettings, length: int,
+                            kind: str | None = None) -> None:
+        """UsageError when a prompt of `length` tokens leaves no room for the answer the task must give.
+
+        `kind` is the largest part of the prompt (the input's media kind, or None for text): the hint says
+        how to shorten that.
+        """
         context = self.context_length()
         if context is None:
             return
         if length >= context:
-            raise UsageError(
-                f"the prompt is {length} tokens, the model's context is {context}",
-                hint="shorten the input (fewer frames or a shorter recording)",
-            )
+            raise UsageError(f"the prompt is {length} tokens, the model's context is {context}",
+                             hint=shorten_hint(kind, context, length))
         room = context - length
         if room < settings.max_new_tokens:
-            self._check_room(task, room, length, context)
+            self._check_room(task, room, length, context, kind)
 
     def check_text_size(self, characters: int) -> None:
         """UsageError for a text that cannot fit the context whatever it says, known from its length:
@@ -165,7 +168,7 @@ class Engine:
         tokenizer = self.runtime.tokenizer
         rows = self.encode(prompts)
         longest = max(len(r) for r in rows)
-        self.check_prompt_length(task, settings, longest)
+        self.check_prompt_length(task, settings, longest, task.media)
         context = self.context_length()
         if context is not None and context - longest < settings.max_new_tokens:
             settings = GenerationOverrides(max_new_tokens=context - longest).apply(settings)
@@ -309,3 +312,16 @@ def context_length(runtime: Runtime) -> int | None:
         except (OSError, ValueError, AttributeError):
             value = None  # a broken config.json is reported when the LLM loads
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def shorten_hint(kind: str | None, most: int, length: int) -> str:
+    """How to make a prompt of `length` tokens fit when the model reads at most `most`: by what fills it."""
+    if kind == "audio":
+        return (f"the model reads at most {most} tokens and this recording's prompt has {length}: give a shorter "
+                "recording, or transcribe it with `mio asr`, which splits long recordings")
+    if kind == "video":
+        return (f"the model reads at most {most} tokens and this video's prompt has {length} (each keyframe takes "
+                "about 34): keep fewer frames with --max-frames")
+    if kind == "image":
+        return f"the model reads at most {most} tokens and this prompt has {length}: give fewer images"
+    return f"the model reads at most {most} tokens and this prompt has {length}; shorten it"

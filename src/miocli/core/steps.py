@@ -98,6 +98,11 @@ class Run:
             # The reference's infer.py describes videos to the Base model from uniform frames.
             frames = replace(frames, uniform=True)
         for media in item.media:
+            if media.kind == VIDEO and media.path is not None:
+                from miocli.core.room import check_video
+
+                budget = self.runtime.budget()
+                check_video(media.path, media.name, frames, budget.free if budget.total else None)
             decoded = media.load(frames)
             if media.kind == AUDIO:
                 from miocli.media.audio import is_silent
@@ -261,9 +266,12 @@ class Run:
         """A prompt too long for the context is this input's error, not the batch's."""
         engine = self.mio.engine
         settings = engine.settings_for(pending.task, self.options.overrides())
+        kinds = [media.kind for media in pending.item.media]
+        # What fills the prompt most: a video's frames, then a recording, then images.
+        kind = next((k for k in (VIDEO, AUDIO, IMAGE) if k in kinds), None)
         for row in engine.encode(pending.prompts):
             try:
-                engine.check_prompt_length(pending.task, settings, len(row))
+                engine.check_prompt_length(pending.task, settings, len(row), kind)
             except UsageError as exc:
                 raise InputError(exc.message, exc.hint, source=pending.item.name) from None
 

@@ -130,7 +130,8 @@ def vllm_settings(settings: GenerationSettings, constrain: bool) -> tuple[Genera
     if reasons:
         mode = "sampling" if settings.do_sample else "greedy"
         note = (f"vLLM's beam search has no {' and no '.join(reasons)}: running {mode} with 1 beam instead of "
-                f"{settings.num_beams} beams, the rest of the preset kept (--engine transformers runs it exactly)")
+                f"{settings.num_beams} beams, the rest of the preset kept (--engine transformers runs it exactly; "
+                f"with --beams 1 both engines give the same {mode} answer)")
         return replace(settings, num_beams=1), note
     if settings.beam_scoring == "reference":
         return replace(settings, beam_scoring="answer"), (

@@ -291,3 +291,17 @@ def refusal(what: str, need: int, budget: Budget, choices: Iterable[Choice] = ()
     if limit() is not None:
         hint += f"; {LIMIT_ENV}={os.environ.get(LIMIT_ENV)} caps what mio plans to use"
     return message, hint
+
+
+# ---- work whose size the input decides ---------------------------------------------------------------
+# The speech decoder's activations per frame of a window: about five copies of its widest layer (n_filters
+# channels at full rate), measured on the real decoder (benchmarks/speech_decode.py), plus its fixed part.
+SPEECH_ACTIVATION_COPIES = 6
+SPEECH_WINDOW_FIXED = 200_000_000
+# Decoding a speech segment held in memory: the text, its parse (Python ints and strings) and the samples
+# (float32, clipped copy, 16-bit file bytes): 112 bytes per byte of token text measured (3.9 MB on stdin).
+SPEECH_BYTES_PER_TEXT_BYTE = 120
+
+
+def speech_window_bytes(n_filters: int, hop: int, window: int) -> int:
+    return SPEECH_ACTIVATION_COPIES * 4 * n_filters * hop * window + SPEECH_WINDOW_FIXED

@@ -21,7 +21,8 @@ AUDIO_FORMATS = {".wav": "wav", ".flac": "flac"}
 
 
 def run_detokenize(mio: Any, text: str | protocol.ParsedOutput, output: str, *, embeddings_only: bool,
-                   overwrite: bool, seed: int | None, steps: int, guidance: float, size: int) -> list[str]:
+                   overwrite: bool, seed: int | None, steps: int, guidance: float, size: int,
+                   source: str = "the tokens") -> list[str]:
     """Decode one token text (or its parse) into `output` (and NAME-2, … for more segments); returns what was
     written."""
     parsed = protocol.parse_output(text, extract=False) if isinstance(text, str) else text
@@ -41,6 +42,12 @@ def run_detokenize(mio: Any, text: str | protocol.ParsedOutput, output: str, *, 
     else:
         fmt = _format(output, AUDIO_FORMATS, "a recording", ", ".join(AUDIO_FORMATS))
     names = _names(output, len(segments))
+    if not parsed.images and hasattr(mio, "runtime"):  # held in memory: refused before decoding when too long
+        from miocli.core.mediatokens import WINDOW_FRAMES
+        from miocli.core.speechfile import check_room
+
+        check_room(mio.runtime, source, sum(len(s) for s in segments),
+                   sum(len(s.codes[0]) for s in parsed.speeches), streamed=False, window=WINDOW_FRAMES)
     if not overwrite:
         # Every name first: an existing file stops the command before anything is decoded.
         for name in names:
@@ -59,6 +66,11 @@ def run_detokenize(mio: Any, text: str | protocol.ParsedOutput, output: str, *, 
             data = result.audio[0].to_bytes(fmt)
             written.append(write_single_file(name, lambda handle, data=data: handle.write(data), overwrite=overwrite))
     return written
+
+
+def speech_format(output: str) -> str:
+    """The audio format of `output`, or a usage error naming the types that fit."""
+    return _format(output, AUDIO_FORMATS, "a recording", ", ".join(AUDIO_FORMATS))
 
 
 def default_suffix(parsed: protocol.ParsedOutput, embeddings_only: bool) -> str:

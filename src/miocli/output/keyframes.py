@@ -24,6 +24,11 @@ def write_keyframes(paths: list[Path], out: OutputDir, frames: FrameOptions) -> 
     `keyframes.json` lists the frames of all videos, each video's in temporal order. It is
     written last, so an interrupted run never leaves an index naming frames that are missing.
     """
+    from miocli.core.room import check_video, free_ram
+
+    free = free_ram()
+    for path in paths:  # before any work: a video too large for memory stops the run (exit 3)
+        check_video(path, str(path), frames, free)
     index_path = out.target(KEYFRAMES_INDEX)
     entries: list[dict[str, Any]] = []
     failures = 0

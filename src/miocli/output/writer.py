@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from miocli.core.inputs import Item
+from miocli.core.inputs import Item, input_label
 from miocli.core.results import Result, StoryPart
 from miocli.errors import EnvironmentProblem, MioError, UsageError, report
 from miocli.output.files import OutputWriteError, display_name, json_line
@@ -155,7 +155,7 @@ class ResultWriter:
         self._fail_record(target, exc, record, to_manifest=False)
 
     def _fail_record(self, target: Target, exc: MioError, record: dict[str, Any], to_manifest: bool = True) -> None:
-        report(exc, display_name(target.name))
+        report(exc, display_name(input_label(target.item)))
         self.failures += 1
         record.setdefault("files", [])
         record["error"] = exc.message
