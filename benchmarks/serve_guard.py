@@ -12,7 +12,8 @@ subprocesses on free loopback ports (OMP_NUM_THREADS=1). Figures:
    offered chunked without Content-Length on a raw socket, reading while sending (413 once 64 MiB have
    arrived). Each body's status and seconds, and the server's peak RSS (VmHWM) after each.
 2. Shutdown: seconds from SIGTERM to exit and the exit status, for an idle server, for a server whose
-   3 requests timed out at --request-timeout 0.5 while their batch (4 × 3000 new tokens) still runs
+   3 requests timed out at --request-timeout 0.5 while their batch (4 × 3000 new tokens) still runs (the model
+   loaded first by small requests)
    (`--tries` servers; the model thread is given 3 s to leave before the process exits without it), and
    for a server with a client stuck half-way through its body.
 
@@ -123,6 +124,8 @@ def big_bodies(server: Server, mib: int) -> None:
 def timed_out_then_sigterm(model: Path, env: dict[str, str], root: Path, attempt: int) -> tuple[int | None, float]:
     server = Server(model, env, root / f"timeouts-{attempt}.log", ["--request-timeout", "0.5"])
     with server:
+        while post(server.port, SMALL)[0] != 200:
+            pass  # loads the model first (a load in progress is not cancelled), so the batch below is generating
         body = json.dumps({"inputs": [{"name": f"q{n}", "messages": [{"role": "user", "content": f"count {n}"}]}
                                       for n in range(4)],
                            "settings": {"max_new_tokens": 3000, "beams": 1, "seed": attempt}}).encode()
