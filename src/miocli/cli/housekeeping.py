@@ -50,7 +50,7 @@ def download(
 @with_options()
 def demo(
     output_dir: Annotated[Path | None, typer.Option("--output-dir", "-o", help="Where to write the outputs "
-                                                       "(default: a new ./mio-demo folder).")] = None,
+                                                       "(default: ./mio-demo, reused).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Report what was loaded.")] = False,
     *, opts: Common,
 ) -> int:
