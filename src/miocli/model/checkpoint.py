@@ -454,9 +454,9 @@ def require_components(model_dir: Path, components: Iterable[str]) -> None:
     if not failed:
         return
     details = "; ".join(f"{r.name}: {', '.join(r.problems)}" for r in failed)
-    if len(failed) > 2 and len(details) > 120 and not any(r.custom_code for r in failed):
+    if len(failed) > 1 and len(details) > 150:
         # A folder that is not a MIO checkpoint at all misses everything: name the parts; doctor lists the files.
-        details = f"{', '.join(r.name for r in failed)} are missing or incomplete (`mio doctor` lists the files)"
+        details = f"{', '.join(r.name for r in failed)} have problems (`mio doctor --model` with it lists them)"
     if any(r.custom_code for r in failed):
         raise ModelError(f"the model folder {model_dir} is refused — {details}",
                          hint=CUSTOM_CODE_HINT + "; `mio doctor` shows the full check")
