@@ -130,11 +130,17 @@ def test_print_prompt_json_matches_tokenizer_and_loads_no_llm(tiny_model):
     assert "llm" not in mio.runtime.loaded()
 
 
+def test_piped_text_is_the_question(tiny_model):
+    piped = run_mio("chat", "--model", str(tiny_model), "--max-new-tokens", "3", "--beams", "1", stdin="hello\n")
+    assert piped.returncode == 0 and piped.stdout.strip(), piped.stderr
+
+
 def test_interactive_keeps_history(tiny_model):
     done = invoke("chat", "-i", "--model", str(tiny_model), "--max-new-tokens", "3", "--beams", "1",
                   stdin="hello\nand again\n\n")
     assert done.exit_code == 0, done.output
     assert len([line for line in done.stdout.splitlines()]) >= 2
+    assert "you> \n" not in done.stderr  # what the user types follows the prompt on its line
 
 
 def test_demo_runs_and_names_its_folder(tiny_cache, tmp_path):
