@@ -103,14 +103,23 @@ def test_stale_ref_falls_back_to_the_newest_snapshot(clean_env: Path):
     assert resolve_model("m-a-p/MIO-7B-Instruct") == new
 
 
-@pytest.mark.parametrize(("repo_id", "variant"), [("m-a-p/MIO-7B-Instruct", "instruct"), ("m-a-p/MIO-7B-Base", "base")])
-def test_uncached_hub_id_points_to_mio_download(clean_env: Path, repo_id: str, variant: str):
+@pytest.mark.parametrize("repo_id", ["m-a-p/MIO-7B-Instruct", "m-a-p/MIO-7B-Base"])
+def test_uncached_hub_id_points_to_mio_download_and_the_tiny_model(clean_env: Path, repo_id: str):
     with pytest.raises(ModelError) as caught:
         resolve_model(repo_id)
     error = caught.value
     assert repo_id in error.message and str(clean_env) in error.message
-    assert f"mio download --variant {variant}" in (error.hint or "")
+    assert f"mio download {repo_id}" in (error.hint or "") and "--model tiny" in (error.hint or "")
     assert "mio download" in str(error)  # what the CLI prints
+
+
+def test_tiny_is_the_tiny_checkpoint_of_the_cache(tiny_model: Path, tiny_cache: Path, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MIO_CACHE", str(tiny_cache))
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("tiny") == tiny_model  # what `mio demo` built there (ensure_tiny_checkpoint builds it)
+    (tmp_path / "tiny").mkdir()
+    assert resolve_model("tiny") == Path("tiny")  # a folder of that name is still a folder
 
 
 def test_ref_to_a_missing_snapshot_without_others_is_uncached(clean_env: Path):

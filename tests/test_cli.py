@@ -130,11 +130,17 @@ def test_print_prompt_json_matches_tokenizer_and_loads_no_llm(tiny_model):
     assert "llm" not in mio.runtime.loaded()
 
 
+def test_piped_text_is_the_question(tiny_model):
+    piped = run_mio("chat", "--model", str(tiny_model), "--max-new-tokens", "3", "--beams", "1", stdin="hello\n")
+    assert piped.returncode == 0 and piped.stdout.strip(), piped.stderr
+
+
 def test_interactive_keeps_history(tiny_model):
     done = invoke("chat", "-i", "--model", str(tiny_model), "--max-new-tokens", "3", "--beams", "1",
                   stdin="hello\nand again\n\n")
     assert done.exit_code == 0, done.output
     assert len([line for line in done.stdout.splitlines()]) >= 2
+    assert "you> \n" not in done.stderr  # what the user types follows the prompt on its line
 
 
 def test_demo_runs_and_names_its_folder(tiny_cache, tmp_path):
@@ -144,8 +150,13 @@ def test_demo_runs_and_names_its_folder(tiny_cache, tmp_path):
     folder = tmp_path / "mio-demo"
     assert str(folder.resolve()) in done.stderr
     assert (folder / "chat.txt").is_file() and (folder / "manifest.jsonl").is_file()
+    # stdout labels each file it names; a second run reuses the folder.
+    labelled = [line.split(": ", 1) for line in done.stdout.splitlines()]
+    assert labelled and all(len(pair) == 2 and (tmp_path / pair[1]).is_file() for pair in labelled), done.stdout
+    assert {"chat", "caption", "imagine", "keyframes", "interleave"} <= {task for task, _ in labelled}
     second = run_mio("demo", cwd=tmp_path, env={"MIO_CACHE": str(tiny_cache)})
-    assert second.returncode == 0 and (tmp_path / "mio-demo-2" / "chat.txt").is_file()
+    assert second.returncode == 0, second.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mio-demo"]
 
 
 # ---- bad input: one clear line, the documented exit code, no traceback --------------------------------

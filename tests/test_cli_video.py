@@ -81,7 +81,8 @@ def test_keyframes_writes_frames_and_index_in_order(clips, tmp_path):
         assert set(entry) >= {"file", "frame_index", "time_s", "scene"}
         pixels = np.asarray(Image.open(out / entry["file"]), dtype=float).reshape(-1, 3).mean(axis=0)
         assert np.abs(pixels - np.array(colour[::-1])).max() < 12
-    assert len(done.stdout.splitlines()) == 3
+    # stdout: the path of each file written, the index last.
+    assert done.stdout.splitlines() == [str(out / e["file"]) for e in entries] + [str(out / "keyframes.json")]
 
     listed = run_mio("keyframes", str(clips["three"]), "-o", str(tmp_path / "again"), "--json")
     assert listed.returncode == 0, listed.stderr

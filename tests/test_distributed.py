@@ -26,6 +26,8 @@ from PIL import Image
 from mio_testing import MIO_COMMAND, free_port, run_mio
 
 pytest.importorskip("ray.data")
+# Each test starts a local Ray cluster (the slowest part of the suite): CI runs them with `pytest -m ci`.
+pytestmark = pytest.mark.ci
 
 FAST = ["--max-new-tokens", "8", "--beams", "1"]
 COUNT = 16

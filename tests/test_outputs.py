@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 import pytest
 
-from miocli.errors import EnvironmentProblem, InputError, MioError
+from miocli.errors import EnvironmentProblem, InputError, MioError, UsageError
 from miocli.output.files import (
     NO_SPACE_HINT,
     OutputWriteError,
@@ -211,11 +211,12 @@ def test_folder_under_a_regular_file_is_an_environment_problem(tmp_path: Path):
     assert "-o" in (caught.value.hint or "")
 
 
-def test_output_path_that_is_a_file_is_an_environment_problem(tmp_path: Path):
+def test_output_path_that_is_a_file_is_a_usage_error(tmp_path: Path):
     (tmp_path / "results").write_text("not a folder")
-    with pytest.raises(EnvironmentProblem) as caught:
+    with pytest.raises(UsageError) as caught:
         OutputDir(tmp_path / "results")
     assert str(tmp_path / "results") in caught.value.message
+    assert caught.value.exit_code == 2
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root may write anywhere")

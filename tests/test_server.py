@@ -60,6 +60,7 @@ def assert_same_as_in_process(server: Server, tiny_model: Path, tmp_path: Path, 
     return remote
 
 
+@pytest.mark.ci  # each case runs the command twice; test_server_openai and the playground cover the server too
 @pytest.mark.parametrize("args", [
     ("caption", "{inputs}", *FAST, "--json"),
     ("caption", "{inputs}", *FAST, "-b", "2"),

@@ -46,12 +46,36 @@ class ModelError(MioError):
     exit_code = 3
 
 
+# A line of an error stays readable in a terminal: names longer than this are shortened in the middle
+# (messages themselves are written to stay under about 200 characters).
+LONGEST_NAME = 120
+
+
+def shorten_middle(text: str, limit: int = LONGEST_NAME) -> str:
+    """`text` at most `limit` characters, its middle replaced by '…' (both ends of a path say the most)."""
+    if len(text) <= limit:
+        return text
+    head = (limit - 1) // 2
+    return text[:head] + "…" + text[len(text) - (limit - 1 - head):]
+
+
+def fit_line(line: str) -> str:
+    """A message line with each overlong word (a path, a hub URL) shortened in the middle; nothing else is cut."""
+    return " ".join(shorten_middle(word) for word in line.split(" "))
+
+
+def article(word: str) -> str:
+    """'a video', 'an image', 'an audio file': the article English puts before `word`."""
+    return ("an " if word[:1].lower() in "aeio" else "a ") + word
+
+
 def report(exc: MioError, name: str | None = None) -> None:
-    """Print `exc` as mio's error line (naming the input when there is one) and its hint, on stderr."""
-    prefix = f"{name}: " if name else ""
-    print(f"mio: error: {prefix}{exc.message}", file=sys.stderr)
+    """Print `exc` as mio's error line (naming the input once) and its hint, on stderr."""
+    # Messages raised for one file often name it already ("image not found: x.png").
+    prefix = f"{name}: " if name and name not in exc.message else ""
+    print(fit_line(f"mio: error: {prefix}{exc.message}"), file=sys.stderr)
     if exc.hint:
-        print(f"  hint: {exc.hint}", file=sys.stderr)
+        print(fit_line(f"  hint: {exc.hint}"), file=sys.stderr)
 
 
 class EnvironmentProblem(MioError):

@@ -18,6 +18,7 @@ import sys
 import typer
 
 from miocli.cli import chat, housekeeping, media, server, tokens, video
+from miocli.cli.options import PanelCommand
 from miocli.cli.run import EXAMPLE_SEPARATOR
 
 app = typer.Typer(
@@ -29,10 +30,31 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("miocli")
+        except PackageNotFoundError:  # a checkout run without being installed
+            number = "unknown (not installed)"
+        print(f"mio {number}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main_options(
+    show_version: bool = typer.Option(False, "--version", help="Print mio's version and exit.", is_eager=True,
+                                      callback=_print_version),
+) -> None:
+    """Run MIO, the any-to-any multimodal model: text, images, speech and video in and out."""
+
+
 # In the order `mio --help` lists them.
 COMMANDS = [
     ("chat", chat.chat), ("generate", chat.generate),
-    ("doctor", housekeeping.doctor), ("download", housekeeping.download), ("demo", housekeeping.demo),
+    ("doctor", housekeeping.doctor), ("download", housekeeping.download), ("list", housekeeping.list_models),
+    ("demo", housekeeping.demo),
     ("caption", media.caption), ("ask", media.ask), ("imagine", media.imagine), ("edit", media.edit),
     ("tokenize", tokens.tokenize), ("detokenize", tokens.detokenize),
     ("asr", media.asr), ("tts", media.tts), ("speak", media.speak), ("speech2speech", media.speech2speech),
@@ -41,7 +63,7 @@ COMMANDS = [
     ("serve", server.serve),
 ]
 for name, command in COMMANDS:
-    app.command(name)(command)
+    app.command(name, cls=PanelCommand)(command)
 
 
 def join_example_values(argv: list[str]) -> list[str]:

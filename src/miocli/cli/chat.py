@@ -104,10 +104,18 @@ def _conversation(question: str | None, messages: str | None, interactive: bool)
         if not isinstance(data, list) or not data:
             raise UsageError(f"--messages {messages} should hold a non-empty JSON list of {{role, content}} turns")
         turns = data
+    if question is None and messages is None and not interactive and sys.stdin is not None \
+            and not sys.stdin.isatty():
+        # `echo hi | mio chat`: piped text is the question, as if '-' were given; an empty pipe asks nothing.
+        from miocli.core.inputs import read_stdin
+
+        question = read_stdin("question")
+        if not question.strip():
+            question = None
     if question is not None:
         turns.append({"role": "user", "content": read_text_argument(question, "question")})
     if not turns and not interactive:
-        raise UsageError("nothing to ask", hint="give a question, --messages FILE, or -i for a session")
+        raise UsageError("nothing to ask", hint="give a question (or pipe one), --messages FILE, or -i for a session")
     return turns
 
 
@@ -129,8 +137,7 @@ def _interactive(mio: Any, history: list[dict[str, Any]], mode: str, system: str
         pending.append({"role": "assistant", "content": PromptText.trusted(reply.raw.strip())})
         shown.done(reply.text)
     while True:
-        err("you> ")
-        line = sys.stdin.readline()
+        line = _read_turn()
         if not line or not line.strip():
             return 0
         pending.append({"role": "user", "content": line.rstrip("\n")})
@@ -143,6 +150,21 @@ def _interactive(mio: Any, history: list[dict[str, Any]], mode: str, system: str
             emit_json({"task": "chat", "input": line.strip(), **reply.to_record()})
         else:
             shown.done(reply.text)
+
+
+def _read_turn() -> str:
+    """One typed line, after the prompt on the same line; on a terminal with line editing and history."""
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        # readline: arrow keys edit the line, up recalls earlier turns (importing it costs about 1 ms).
+        import readline  # noqa: F401
+
+        try:
+            return input("you> ") + "\n"
+        except EOFError:
+            return ""
+    sys.stderr.write("you> ")
+    sys.stderr.flush()
+    return sys.stdin.readline()
 
 
 @with_options("runtime", "ray", "generation", "batch", "json", "prompt", "output")

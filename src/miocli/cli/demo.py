@@ -1,4 +1,7 @@
-"""`mio demo`: the whole pipeline on a tiny random checkpoint, to prove an install works."""
+"""`mio demo`: the whole pipeline on a tiny random checkpoint, to prove an install works.
+
+stdout says what was written, one `TASK: PATH` line per file; notes go to stderr.
+"""
 
 from __future__ import annotations
 
@@ -8,16 +11,8 @@ from pathlib import Path
 
 from miocli.output.files import atomic_write_text
 
-
-def _fresh_folder(requested: Path | None) -> Path:
-    if requested is not None:
-        return requested
-    candidate = Path("mio-demo")
-    number = 2
-    while candidate.exists():
-        candidate = Path(f"mio-demo-{number}")
-        number += 1
-    return candidate
+# Every run writes here (its files replaced): a second demo does not leave mio-demo-2 beside the first.
+DEFAULT_FOLDER = Path("mio-demo")
 
 
 def _demo_video(folder: Path) -> Path:
@@ -75,7 +70,7 @@ def run_demo(output_dir: Path | None, *, verbose: bool = False) -> int:
     start = time.perf_counter()
     model_dir = ensure_tiny_checkpoint("instruct")
     say(f"tiny checkpoint ready at {model_dir} ({time.perf_counter() - start:.1f} s)")
-    out = OutputDir(_fresh_folder(output_dir))
+    out = OutputDir(output_dir or DEFAULT_FOLDER, overwrite=True)
     image_path, audio_path = _demo_media(out.path)
     video_path = _demo_video(out.path)
     options = GenerationOptions(max_new_tokens=24, seed=0, beams=1)
@@ -93,6 +88,7 @@ def run_demo(output_dir: Path | None, *, verbose: bool = False) -> int:
         path = out.target(f"{task}.txt")
         atomic_write_text(path, text + "\n")
         out.add_record({"task": task, "text": text, "files": [str(path.name)]})
+        print(f"{task}: {path}", flush=True)
 
     def media(kind: str, path: Path, **fields: str) -> Target:
         return Target(Item(str(path), fields, [Media(kind, str(path), path=path)]), path.stem)
@@ -121,12 +117,16 @@ def run_demo(output_dir: Path | None, *, verbose: bool = False) -> int:
     failures = 0
     for api_task, name, kind, target, task_options in runs:
         say(f"running {name}")
-        writer = ResultWriter(name, kind, out)
+        writer = ResultWriter(name, kind, out, label=name)
         failures += run_and_write(instruct, api_task, [target], writer, options=task_options, max_frames=4, **pixels)
     say("running keyframes")
-    failures += write_keyframes([video_path], OutputDir(out.path / "keyframes"), FrameOptions(max_frames=4))[1]
+    frames, failed = write_keyframes([video_path], OutputDir(out.path / "keyframes", overwrite=True),
+                                     FrameOptions(max_frames=4))
+    failures += failed
+    for entry in frames:
+        print(f"keyframes: {out.path / 'keyframes' / entry['file']}", flush=True)
     say("running interleave")
-    story = ResultWriter("interleave", STORY, OutputDir(out.path / "story"))
+    story = ResultWriter("interleave", STORY, OutputDir(out.path / "story", overwrite=True), label="interleave")
     failures += run_and_write(instruct, "interleave", [text("topic", "a red kite", "story")], story,
                               options=GenerationOptions(max_new_tokens=120, seed=0), **pixels)
     say(f"outputs (and manifest.jsonl) written to {out.path.resolve()} in {time.perf_counter() - start:.1f} s")

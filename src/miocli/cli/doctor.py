@@ -216,11 +216,13 @@ def render(report: dict[str, Any]) -> None:
             table.add_row("engine url", f"{remote['url']}: " + ("usable, mio's rule loaded" if remote["usable"]
                                                                else f"[red]{remote['problem']}[/red]"))
     entry = report["checkpoint"]
-    table.add_row("model", f"{entry['spec']}")
     if "error" in entry:
+        table.add_row("model", f"{entry['spec']}")
         table.add_row("", f"[red]{entry['error']}[/red]")
     else:
-        table.add_row("", f"{entry['path']} ({entry['variant']})")
+        # The folder once: a spec that is the folder itself is not repeated above it.
+        shown = entry["path"] if entry["spec"] == entry["path"] else f"{entry['spec']}: {entry['path']}"
+        table.add_row("model", f"{shown} ({entry['variant']})")
         for component in entry["components"]:
             status = "[green]ok[/green]" if component["ok"] else "[red]" + "; ".join(component["problems"]) + "[/red]"
             table.add_row(f"  {component['name']}", status)

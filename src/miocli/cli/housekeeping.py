@@ -35,6 +35,8 @@ def doctor(
 
 @with_options()
 def download(
+    repo: Annotated[str | None, typer.Argument(help="m-a-p/MIO-7B-Instruct or m-a-p/MIO-7B-Base (or use "
+                                               "--variant).", show_default=False)] = None,
     variant: Annotated[str, typer.Option("--variant", help="instruct or base.")] = "instruct",
     revision: Annotated[str | None, typer.Option("--revision", help="Branch, tag or commit.")] = None,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the hub to answer.")] = 10.0,
@@ -43,14 +45,44 @@ def download(
     """Download MIO weights into the Hugging Face cache, on purpose (nothing else ever downloads)."""
     from miocli.model.download import download_model
 
+    if repo is not None:
+        from miocli.model.checkpoint import HUB_IDS
+
+        named = {hub_id.lower(): name for name, hub_id in HUB_IDS.items()}
+        if repo.lower() not in named:
+            from miocli.errors import UsageError
+
+            raise UsageError(f"mio downloads only MIO's own repositories, not {repo}",
+                             hint=f"give one of {', '.join(HUB_IDS.values())}")
+        variant = named[repo.lower()]
     print(download_model(variant, revision=revision, timeout=timeout))
+    return 0
+
+
+@with_options("json")
+def list_models(*, opts: Common) -> int:
+    """List the models on this machine: id (what --model takes), variant, size, where."""
+    from miocli.model.download import cached_models, human_size
+    from miocli.output.stdout import print_line
+
+    models = cached_models()
+    for entry in models:
+        if opts.as_json:
+            emit_json(entry)
+        else:
+            print_line(f"{entry['id']}\t{entry['variant']}\t{human_size(int(entry['size_bytes']))}\t{entry['path']}")
+    if not models:
+        import sys
+
+        print("mio: no model here yet: `mio download m-a-p/MIO-7B-Instruct`, or `--model tiny` to build the tiny "
+              "random one", file=sys.stderr)
     return 0
 
 
 @with_options()
 def demo(
     output_dir: Annotated[Path | None, typer.Option("--output-dir", "-o", help="Where to write the outputs "
-                                                       "(default: a new ./mio-demo folder).")] = None,
+                                                       "(default: ./mio-demo, reused).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Report what was loaded.")] = False,
     *, opts: Common,
 ) -> int:

@@ -27,6 +27,7 @@ from miocli.output.stdout import print_record
 RUNTIME = "Model and device"
 GENERATION = "Generation"
 OUTPUT = "Output"
+ENGINES = "Engines and server"
 RAY = "Ray cluster"
 
 
@@ -37,6 +38,8 @@ StepsOpt = Annotated[int, typer.Option("--steps", help="Diffusion steps.", rich_
 GuidanceOpt = Annotated[float, typer.Option("--guidance", help="Guidance scale.", rich_help_panel=PIXELS)]
 SizeOpt = Annotated[int, typer.Option("--size", help="Output side in pixels.", rich_help_panel=PIXELS)]
 FRAMES = "Video frames"
+# `--help` lists the task's own options first, then how it runs: model/runtime, then engines, server, Ray.
+PANEL_ORDER = (None, PIXELS, FRAMES, OUTPUT, GENERATION, RUNTIME, ENGINES, RAY)
 # media/video.py explains the default: 75 frames × 34 tokens leave room in the 4096-token
 # context for the question and a full answer.
 MaxFramesOpt = Annotated[int, typer.Option("--max-frames", help="At most this many keyframes per video (each "
@@ -157,25 +160,26 @@ def _opt(*names: str, help: str | None = None, panel: str | None = None, **extra
 
 # name → (annotation, default); the names are Common's fields.
 OPTIONS: dict[str, tuple[Any, Any]] = {
-    "model": (Annotated[str | None, _opt("--model", "-m", help="Model folder or hub id in the local HF cache "
-                                         "[env MIO_MODEL; default m-a-p/MIO-7B-Instruct].", panel=RUNTIME)], None),
+    "model": (Annotated[str | None, _opt("--model", "-m", help="Model folder, hub id in the local HF cache (`mio "
+                                         "list`), or tiny (the random test model) [env MIO_MODEL; default "
+                                         "m-a-p/MIO-7B-Instruct].", panel=RUNTIME)], None),
     "variant": (Annotated[str | None, _opt("--variant", help="instruct or base (default: detected from the "
                                            "folder).", panel=RUNTIME)], None),
     "device": (Annotated[str, _opt("--device", help="auto, cpu, cuda or cuda:N.", panel=RUNTIME)], "auto"),
     "dtype": (Annotated[str, _opt("--dtype", help="auto, float32, bfloat16 or float16.", panel=RUNTIME)], "auto"),
-    "quantize": (Annotated[str, _opt("--quantize", help="auto, none, 8bit or 4bit (bitsandbytes; NF4 for 4bit).",
-                                     panel=RUNTIME)], "auto"),
+    "quantize": (Annotated[str, _opt("--quantize", help="auto, none, 8bit or 4bit weights (CUDA: bitsandbytes, "
+                                     "NF4 for 4bit; CPU: mio's own int8/int4 layers).", panel=RUNTIME)], "auto"),
     "verbose": (Annotated[bool, _opt("--verbose", "-v", help="Report what was loaded, how long it took, and "
                                      "memory.", panel=RUNTIME)], False),
     "engine": (Annotated[str, _opt("--engine", metavar="transformers|vllm", help="What runs the LLM: transformers "
-                                   "(reference-exact) or vLLM in this Python (docs/engines.md).", panel=RUNTIME)],
+                                   "(reference-exact) or vLLM in this Python (docs/engines.md).", panel=ENGINES)],
                "transformers"),
     "engine_url": (Annotated[str | None, _opt("--engine-url", envvar="MIO_ENGINE_URL", help="Run the LLM on a "
                                               "`vllm serve` of the same checkpoint at this URL (codecs stay here).",
-                                              panel=RUNTIME, show_default=False)], None),
+                                              panel=ENGINES, show_default=False)], None),
     "server": (Annotated[str | None, _opt("--server", envvar="MIO_SERVER", help="Run on a `mio serve` at this URL "
                                           "(key in MIO_API_KEY) instead of loading the model here.",
-                                          panel=RUNTIME, show_default=False)], None),
+                                          panel=ENGINES, show_default=False)], None),
     "ray": (Annotated[bool, _opt("--ray", help="Run the job on a Ray cluster (RAY_ADDRESS, or a local one), one "
                                  "model per worker; needs miocli[ray].", panel=RAY)], False),
     "ray_address": (Annotated[str | None, _opt("--ray-address", help="Join the Ray cluster at this address (implies "
@@ -269,6 +273,29 @@ def with_options(*groups: str, batch_size: int = 1) -> Callable[[Callable[..., i
         return run
 
     return decorate
+
+
+class PanelCommand(typer.core.TyperCommand):
+    """Plain-text help (no rich: `--help` stays fast) with the options in their `rich_help_panel` sections."""
+
+    def format_options(self, ctx: Any, formatter: Any) -> None:
+        sections: dict[str | None, list[tuple[str, str]]] = {}
+        arguments = []
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is None:
+                continue
+            if param.param_type_name == "argument":
+                arguments.append(record)
+            else:
+                sections.setdefault(getattr(param, "rich_help_panel", None), []).append(record)
+        if arguments:
+            with formatter.section("Arguments"):
+                formatter.write_dl(arguments)
+        rank = {panel: n for n, panel in enumerate(PANEL_ORDER)}
+        for panel in sorted(sections, key=lambda name: rank.get(name, 1)):
+            with formatter.section(panel or "Options"):
+                formatter.write_dl(sections[panel])
 
 
 # ---- plumbing shared by the commands ---------------------------------------------------------------

@@ -15,7 +15,7 @@ from typing import Any
 import typer
 
 from miocli.cli.options import Common, emit_json, err
-from miocli.errors import UsageError
+from miocli.errors import UsageError, article
 
 # --example takes two values; Typer cannot declare a repeatable two-value option, so `app.main`
 # joins each pair into one value with this separator before Typer parses the line.
@@ -177,7 +177,7 @@ def example_pairs(values: list[str] | None, kind: str) -> list[tuple[Any, str]]:
             raise UsageError(f"--example {media}: the answer is empty")
         if kind_of_path(media) != kind:
             raise UsageError(f"--example {media} is {kind_of_path(media)}, the input is {kind}",
-                             hint=f"give {kind} examples for a {kind} input")
+                             hint=f"give {kind} examples for {article(kind)} input")
         pairs.append((Media(kind, media, path=Path(media)), answer.strip()))
     return pairs
 

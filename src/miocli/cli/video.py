@@ -56,8 +56,10 @@ def keyframes(
     if opts.as_json:
         emit_json(entries)
     else:
+        # stdout's contract: the path of each file written, one per line (times are in keyframes.json).
         for entry in entries:
-            print_line(f"{opts.output_dir / entry['file']}\t{entry['time_s']:.3f}s\tscene {entry['scene']}")
+            print_line(str(opts.output_dir / entry["file"]))
+        print_line(str(opts.output_dir / "keyframes.json"))
     return 1 if failures else 0
 
 

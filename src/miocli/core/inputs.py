@@ -56,7 +56,9 @@ def expand_inputs(values: Iterable[str], kind: str | tuple[str, ...], recursive:
         path = Path(value).expanduser()
         if path.is_dir():
             walker = path.rglob("*") if recursive else path.glob("*")
-            found.extend(sorted(p for p in walker if p.is_file() and p.suffix.lower() in suffixes))
+            files = sorted(p for p in walker if p.is_file() and not p.name.startswith("."))
+            found.extend(p for p in files if p.suffix.lower() in suffixes)
+            _note_skipped(path, [p for p in files if p.suffix.lower() not in suffixes], kinds)
         elif not path.exists() and glob.has_magic(value):
             found.extend(sorted(Path(p) for p in glob.glob(value, recursive=recursive)))
         else:
@@ -65,6 +67,24 @@ def expand_inputs(values: Iterable[str], kind: str | tuple[str, ...], recursive:
         raise UsageError("no input files",
                          hint=f"give {' or '.join(kinds)} files, folders (with -r to recurse), globs or '-'")
     return found
+
+
+_PLURALS = {IMAGE: "images", AUDIO: "audio files", VIDEO: "videos"}
+
+
+def skipped_note(skipped: list[str], kinds: tuple[str, ...]) -> str:
+    """'skipped 3: not images (readme.txt, sine.wav, broken.mp4)': what a folder held that the task does not take."""
+    shown = ", ".join(skipped[:5]) + (", …" if len(skipped) > 5 else "")
+    return f"skipped {len(skipped)}: not {' or '.join(_PLURALS.get(k, k) for k in kinds)} ({shown})"
+
+
+def _note_skipped(folder: Path, skipped: list[Path], kinds: tuple[str, ...]) -> None:
+    # Hidden files (.DS_Store, editors' swap files) are nobody's input: they are not counted.
+    if skipped:
+        import logging
+
+        names = [str(p.relative_to(folder)) for p in skipped]
+        logging.getLogger("miocli").info("%s: %s", folder, skipped_note(names, kinds))
 
 
 def kind_of_path(path: str | Path) -> str:

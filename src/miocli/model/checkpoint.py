@@ -76,10 +76,23 @@ def cached_snapshot(repo_id: str) -> Path | None:
     return None
 
 
+# `--model tiny`: the random checkpoint `mio demo` runs on, built in $MIO_CACHE on first use (no download).
+TINY = "tiny"
+
+
+def missing_model_hint(spec: str) -> str:
+    return (f"download it on purpose with `mio download {spec}`, try the tiny random model with `--model tiny`, "
+            "or pass --model PATH to a local folder (mio never downloads implicitly)")
+
+
 def resolve_model(model: str | None) -> Path:
-    """`--model` (or MIO_MODEL, or the Instruct id) as a local folder."""
+    """`--model` (or MIO_MODEL, or the Instruct id) as a local folder; `tiny` is the tiny random checkpoint."""
     spec = model or os.environ.get("MIO_MODEL") or DEFAULT_MODEL
     path = Path(spec).expanduser()
+    if spec == TINY and not path.exists():
+        from miocli.model.tiny import ensure_tiny_checkpoint
+
+        return ensure_tiny_checkpoint("instruct")
     if path.exists():
         if not path.is_dir():
             raise ModelError(f"--model {spec} is a file; it should be the model folder",
@@ -88,12 +101,8 @@ def resolve_model(model: str | None) -> Path:
     if looks_like_hub_id(spec):
         snapshot = cached_snapshot(spec)
         if snapshot is None:
-            variant = "base" if spec == BASE_ID else "instruct"
-            raise ModelError(
-                f"model {spec} is not in the local Hugging Face cache ({hf_cache_dir()})",
-                hint=f"download it on purpose with `mio download --variant {variant}`, or pass --model PATH "
-                "to a local folder (mio never downloads implicitly)",
-            )
+            raise ModelError(f"model {spec} is not in the local Hugging Face cache ({hf_cache_dir()})",
+                             hint=missing_model_hint(spec))
         return snapshot
     raise ModelError(f"no model folder at {spec}", hint="pass --model PATH to a MIO folder or a hub id")
 
@@ -445,6 +454,9 @@ def require_components(model_dir: Path, components: Iterable[str]) -> None:
     if not failed:
         return
     details = "; ".join(f"{r.name}: {', '.join(r.problems)}" for r in failed)
+    if len(failed) > 1 and len(details) > 150:
+        # A folder that is not a MIO checkpoint at all misses everything: name the parts; doctor lists the files.
+        details = f"{', '.join(r.name for r in failed)} have problems (`mio doctor --model` with it lists them)"
     if any(r.custom_code for r in failed):
         raise ModelError(f"the model folder {model_dir} is refused — {details}",
                          hint=CUSTOM_CODE_HINT + "; `mio doctor` shows the full check")

@@ -57,3 +57,56 @@ def download_model(variant: str, *, revision: str | None = None, timeout: float 
         raise EnvironmentProblem(f"downloading {repo_id} failed: {exc.__class__.__name__}: {exc}".splitlines()[0],
                                  hint="run `mio download` again to resume") from exc
     return Path(path)
+
+
+def cached_models() -> list[dict[str, object]]:
+    """The MIO models on this machine: hub snapshots in the HF cache and the tiny checkpoints in $MIO_CACHE.
+
+    Each is {"id", "variant", "size_bytes", "path"}; `id` is what `--model` takes. Only MIO's own hub
+    repositories are listed (the cache holds other projects' models too).
+    """
+    from miocli.model.tiny import default_cache_dir
+
+    found: list[dict[str, object]] = []
+    for repo_id in checkpoint.HUB_IDS.values():
+        snapshot = checkpoint.cached_snapshot(repo_id)
+        if snapshot is not None:
+            found.append(_entry(repo_id, snapshot))
+    cache = default_cache_dir()
+    for folder in sorted(cache.glob("tiny-*-v*")) if cache.is_dir() else []:
+        if (folder / "config.json").is_file():
+            # `--model tiny` is the Instruct one; the others are older formats or the base variant.
+            name = checkpoint.TINY if folder.name.startswith("tiny-instruct-") else str(folder)
+            found.append(_entry(name, folder))
+    return found
+
+
+def _entry(model_id: str, folder: Path) -> dict[str, object]:
+    try:
+        variant = checkpoint.detect_variant(folder)
+    except Exception:  # a folder without a readable config still shows, its variant unknown
+        variant = "?"
+    return {"id": model_id, "variant": variant, "size_bytes": _size(folder), "path": str(folder)}
+
+
+def _size(folder: Path) -> int:
+    """Bytes of the files a folder holds, following the hub cache's links to its blobs once each."""
+    seen: set[Path] = set()
+    total = 0
+    for path in folder.rglob("*"):
+        try:
+            real = path.resolve()
+            if real in seen or not real.is_file():
+                continue
+            seen.add(real)
+            total += real.stat().st_size
+        except OSError:
+            continue
+    return total
+
+
+def human_size(size: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"

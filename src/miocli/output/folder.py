@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from miocli.errors import EnvironmentProblem, InputError
+from miocli.errors import EnvironmentProblem, InputError, UsageError
 from miocli.output.files import atomic_write, display_name, json_line, relative_to, write_errors
 
 MANIFEST = "manifest.jsonl"
@@ -84,8 +84,13 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _note_record(recorded: dict[str, str], record: Any) -> None:
-    if not isinstance(record, dict) or "error" in record:
+def _note_record(recorded: dict[str, str], record: Any, errors: dict[str, str | None] | None = None) -> None:
+    if not isinstance(record, dict):
+        return
+    if errors is not None and isinstance(record.get("input"), str):
+        error = record.get("error")
+        errors[record["input"]] = error if isinstance(error, str) else None
+    if "error" in record:
         return
     source, files = record.get("input"), record.get("files")
     if isinstance(source, str) and isinstance(files, list):
@@ -106,9 +111,15 @@ class OutputDir:
     _claimed: dict[Path, str | None] = field(default_factory=dict)
     removed_parts: list[Path] = field(default_factory=list, init=False)
     _recorded: dict[str, str] | None = field(default=None, init=False, repr=False)
+    # Each input's latest record: its error, or None when it succeeded (read with _recorded).
+    _errors: dict[str, str | None] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
+        if self.path.exists() and not self.path.is_dir():
+            # A typo on the command line (an input file given as the folder), not a broken machine.
+            raise UsageError(f"-o {display_name(str(self.path))} is a file, not a folder",
+                             hint="give -o a folder (new or existing)")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -208,7 +219,12 @@ class OutputDir:
                 raise
             os.close(fd)  # network file systems may report a failed write only here
         if self._recorded is not None:
-            _note_record(self._recorded, record)
+            _note_record(self._recorded, record, self._errors)
+
+    def records_error(self, source: str, error: str) -> bool:
+        """Whether the manifest's latest record for `source` is already this error (a rerun adds no copy)."""
+        self.recorded_files()
+        return self._errors.get(source) == error
 
     def recorded_files(self) -> dict[str, str]:
         """Output files the manifest records as written, each mapped to its input (read once, then kept current).
@@ -223,7 +239,7 @@ class OutputDir:
                     record = json.loads(line.decode("utf-8"))
                 except (ValueError, RecursionError):
                     continue  # a line cut short by a crash, or not ours
-                _note_record(recorded, record)
+                _note_record(recorded, record, self._errors)
             self._recorded = recorded
         return self._recorded
 

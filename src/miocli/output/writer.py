@@ -58,6 +58,7 @@ class ResultWriter:
     audio_format: str = "wav"
     fps: float = 2.0
     show_steps: bool = False  # cot-visual: print the drawing stage before the answer
+    label: str = ""  # `mio demo`: each file's line says which task wrote it ("caption: PATH"), no answer text
     failures: int = 0
     written: int = 0
     progress: Callable[[int], None] = lambda n: None
@@ -159,7 +160,8 @@ class ResultWriter:
         self.failures += 1
         record.setdefault("files", [])
         record["error"] = exc.message
-        if self.out is not None and to_manifest:
+        # A rerun over the same bad file leaves its one error record, not a copy per run.
+        if self.out is not None and to_manifest and not self.out.records_error(target.name, exc.message):
             self._add_record(record, target)
         if self.as_json:
             self._emit(json_line(record))
@@ -262,26 +264,36 @@ class ResultWriter:
 
     # ---- stdout ---------------------------------------------------------------------------------
     def _print(self, target: Target, result: Result, record: dict[str, Any]) -> None:
+        """stdout's contract: a text answer per line, or with -o the path of each file written, one per line."""
         if self.as_json:
             self._emit(json_line(record))
             return
-        if self.kind in (TEXT, GENERATE) and self.out is None:
+        if self.out is None:
             text = one_line(result.text) if self.show_names else result.text
             self._emit(f"{display_name(target.name)}: {text}" if self.show_names else text)
-        elif self.kind == VIDEO:
-            self._emit(str(self.out.path / record["files"][-1]) if self.out is not None else "")
-        elif self.kind == STORY and self.out is not None:
-            self._emit(str(self.out.path / record["files"][0]))
-        elif self.kind == COT:
-            if self.show_steps and self.out is not None:
-                self._emit(f"step 1 (illustrate): {self.out.path / record['files'][0]}")
+            return
+        files = [str(self.out.path / name) for name in record.get("files", [])]
+        if self.label:
+            for path in files:
+                self._emit(f"{self.label}: {path}")
+            return
+        if self.kind == COT:
+            # cot-visual's answer is text, not a file: its drawing's path comes first, then the answer.
+            if self.show_steps:
+                self._emit(f"step 1 (illustrate): {files[0]}")
                 if result.steps[0].text:
                     self._emit(f"  {result.steps[0].text}")
                 self._emit("step 2 (answer):")
+            else:
+                for path in files:
+                    self._emit(path)
             self._emit(result.text)
+            return
+        for path in files:
+            self._emit(path)
 
     def _emit(self, line: str) -> None:
-        if self._stdout_gone:
+        if self._stdout_gone or sys.stdout is None:  # closed before the start: the files are what counts
             return
         try:
             print_line(line)
