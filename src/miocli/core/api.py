@@ -255,15 +255,17 @@ class Mio:
         self._require_instruct("chat")
         text = self.chat_prompt(messages, mode=mode, system=system, add_generation_prompt=add_generation_prompt)
         item = Item(_last_user(messages), {"mode": mode}, prompt=text)
-        deltas = TextDeltas(lambda ids: self.runtime.tokenizer.decode(ids))
+        if on_text is None:
+            [result] = list(self.stream("chat", [item], options=options, **settings))
+            return result.raise_for_error()
+        deltas = TextDeltas(self.runtime.tokenizer.decode)
 
         def watch(_index: int, ids: list[int]) -> None:
-            if on_text is not None and (piece := deltas.push(ids)):
+            if piece := deltas.push(ids):
                 on_text(piece)
 
-        [result] = list(self.stream("chat", [item], options=options, on_tokens=watch if on_text else None,
-                                    **settings))
-        if on_text is not None and result.error is None and (rest := deltas.finish(result.text)):
+        [result] = list(self.stream("chat", [item], options=options, on_tokens=watch, **settings))
+        if result.error is None and (rest := deltas.finish(result.text)):
             on_text(rest)
         return result.raise_for_error()
 

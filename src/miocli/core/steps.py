@@ -99,10 +99,14 @@ class Run:
             frames = replace(frames, uniform=True)
         for media in item.media:
             if media.kind == VIDEO and media.path is not None:
-                from miocli.core.room import check_video
+                from miocli.core.room import check_video, free_ram
 
+                # Keyframes are decoded into RAM: the runtime's budget (loaded parts counted) is RAM on
+                # the CPU only, VRAM on a GPU.
                 budget = self.runtime.budget()
-                check_video(media.path, media.name, frames, budget.free if budget.total else None)
+                on_cpu = self.runtime.device.type == "cpu"
+                check_video(media.path, media.name, frames,
+                            (budget.free if budget.total else None) if on_cpu else free_ram())
             decoded = media.load(frames)
             if media.kind == AUDIO:
                 from miocli.media.audio import is_silent

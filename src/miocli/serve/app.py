@@ -23,12 +23,10 @@ from fastapi.responses import JSONResponse
 
 from miocli.errors import EnvironmentProblem, MioError, UsageError
 from miocli.serve import wire
-from miocli.serve.guard import Guard, GuardSettings, GuardState
+from miocli.serve.guard import LOOPBACK, Guard, GuardSettings, GuardState
 from miocli.serve.native import add_native_routes
 from miocli.serve.openai.routes import add_openai_routes
 from miocli.serve.worker import ServeSettings, Worker, log
-
-LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 
 
 def check_bind(host: str, api_key: str | None, open_without_key: bool) -> None:

@@ -145,17 +145,20 @@ class RemoteMio:
         body = {"inputs": [item], "settings": {k: v for k, v in settings.items() if v is not None},
                 "stream_tokens": on_text is not None}
         response = self._request("POST", "/v1/run/chat", body)
-        sent: list[str] = []
+        if on_text is None:
+            [result] = list(self._results(response, [0], 0, None))
+            return result.raise_for_error()
+        shown: list[str] = []
 
         def arrived(_index: int, piece: str) -> None:
-            sent.append(piece)
-            if on_text is not None:
-                on_text(piece)
+            shown.append(piece)
+            on_text(piece)
 
         [result] = list(self._results(response, [0], 0, None, arrived))
-        shown = "".join(sent)
-        if on_text is not None and result.error is None and result.text.startswith(shown) and result.text != shown:
-            on_text(result.text[len(shown):])
+        # What the pieces did not show yet (they are a prefix of the final text; see core.deltas).
+        sent = "".join(shown)
+        if result.error is None and result.text.startswith(sent) and result.text != sent:
+            on_text(result.text[len(sent):])
         return result.raise_for_error()
 
 

@@ -84,8 +84,9 @@ class Job:
     events: asyncio.Queue[tuple[str, Any]] = field(default_factory=asyncio.Queue)
     next_item: int = 0
     cancelled: bool = False
-    # Set when the client hung up (the log says 499, as nginx does, rather than an error).
+    # Why it was cancelled: its client hung up (the log says 499, as nginx does), or its time ran out.
     client_left: bool = False
+    timed_out: bool = False
 
     def end_cancelled(self) -> None:
         """From the worker thread: the job will get no more results; its coroutine stops waiting."""
@@ -283,7 +284,7 @@ async def events_of(job: Job, timeout_s: float) -> AsyncIterator[tuple[str, Any]
             try:
                 kind, value = await asyncio.wait_for(job.events.get(), max(0.0, deadline - time.monotonic()))
             except asyncio.TimeoutError:
-                job.cancelled = True
+                job.cancelled = job.timed_out = True
                 yield "error", EnvironmentProblem(f"the request took longer than {timeout_s:g} s",
                                                   hint="send fewer inputs per request or raise --request-timeout")
                 return

@@ -248,11 +248,20 @@ async def chat_completions(mio: Any, worker: Any, request: Request) -> Any:
     return {**_head(), "object": "chat.completion", "choices": [choice], "usage": usage}
 
 
+def _text_size(messages: list[Any]) -> int:
+    """Characters of text in the messages (before their parts are checked: malformed ones count 0)."""
+    size = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        for part in content if isinstance(content, list) else [content]:
+            text = part.get("text") if isinstance(part, dict) else part
+            size += len(text) if isinstance(text, str) else 0
+    return size
+
+
 async def _checked_plan(mio: Any, body: ChatRequest) -> Plan:
     # A conversation of megabytes is refused from its size, before it is templated or tokenized.
-    size = sum(len(p.get("text", "")) if isinstance(p, dict) else len(p) if isinstance(p, str) else 0
-               for m in body.messages if isinstance(m, dict)
-               for p in (m.get("content") if isinstance(m.get("content"), list) else [m.get("content")]))
+    size = _text_size(body.messages)
     context = await asyncio.to_thread(_context_length, mio)
     if size > SIZE_CHECK_CHARS:
         try:
@@ -267,6 +276,7 @@ async def _checked_plan(mio: Any, body: ChatRequest) -> Plan:
                               f"model's context), but got {value} instead", param=name,
                               code="integer_above_max_value")
     plan = _chat_plan(mio, body)
+    plan.extra["context"] = context
     # Streamed answers come token by token, so with one beam unless the request asks for beams (a
     # beam's tokens are only final at its end): those come whole, as vLLM's do.
     if body.stream and "beams" not in plan.settings:
@@ -281,7 +291,7 @@ def _head() -> dict[str, Any]:
 
 async def _usage(mio: Any, plan: Plan, result: Result) -> tuple[dict[str, int], str]:
     prompt_tokens = await count_prompt_tokens(mio, plan)
-    context = await asyncio.to_thread(_context_length, mio)
+    context = plan.extra["context"]
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(result.token_ids),
              "total_tokens": prompt_tokens + len(result.token_ids)}
     return usage, _finish_reason(plan, result, prompt_tokens, context)
@@ -293,13 +303,12 @@ async def _streamed(mio: Any, worker: Any, request: Request, plan: Plan, with_us
     bad input is still a 400; a client that hangs up stops its generation at the next step."""
     spoken = plan.extra["spoken"]
     job = submit_plan(mio, worker, plan, streams_tokens=not spoken and plan.settings.get("beams", 1) == 1)
-    timeout, started = worker.settings.request_timeout_s, time.monotonic()
-    events = events_of(job, timeout)
+    events = events_of(job, worker.settings.request_timeout_s)
     watcher = asyncio.create_task(watch_client(request, job))
     try:
         first = await anext(events)
         if first[0] == "error":
-            raise job_error(first[1], started, timeout, plan, job)
+            raise job_error(first[1], plan, job)
         if first[0] == "result" and first[1].error is not None:
             raise from_mio(first[1].error, queued=True, limit_name=plan.limit_name)
     except BaseException:
@@ -326,7 +335,7 @@ async def _streamed(mio: Any, worker: Any, request: Request, plan: Plan, with_us
                     if piece:
                         yield sse({"content": piece})
                 elif kind == "error" or (kind == "result" and value.error is not None):
-                    problem = job_error(value, started, timeout, plan, job) if kind == "error" else \
+                    problem = job_error(value, plan, job) if kind == "error" else \
                         from_mio(value.error, queued=True, limit_name=plan.limit_name)
                     yield _sse({"error": {"message": problem.message, "type": problem.kind,
                                           "param": problem.param, "code": problem.code}})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from contextlib import aclosing
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -69,11 +68,12 @@ async def watch_client(request: Any, job: Job) -> None:
         await asyncio.sleep(0.05)  # a late empty body message: not a reason to spin
 
 
-def job_error(value: Any, started: float, timeout: float, plan: Plan, job: Job) -> OpenAIError:
+def job_error(value: Any, plan: Plan, job: Job) -> OpenAIError:
+    """The job's error event as the request's answer."""
     if job.client_left:
         # Nobody reads it; the status is for the log (nginx's "client closed request"), not a 5xx.
         return OpenAIError("the client closed the request", status=499, kind="client_closed")
-    if time.monotonic() - started >= timeout:
+    if job.timed_out:
         return OpenAIError(value.message, status=504, kind="timeout", code="timeout")
     return from_mio(value, queued=True, limit_name=plan.limit_name)
 
@@ -81,17 +81,15 @@ def job_error(value: Any, started: float, timeout: float, plan: Plan, job: Job) 
 async def run_plan(mio: Any, worker: Any, plan: Plan, request: Any) -> list[Result]:
     """Queue the plan's job and wait for all its results; a failed input fails the request."""
     job = submit_plan(mio, worker, plan)
-    timeout = worker.settings.request_timeout_s
-    started = time.monotonic()
     results: list[Result | None] = [None] * len(plan.items)
     watcher = asyncio.create_task(watch_client(request, job))
     try:
-        async with aclosing(events_of(job, timeout)) as events:
+        async with aclosing(events_of(job, worker.settings.request_timeout_s)) as events:
             async for kind, value in events:
                 if kind == "result":
                     results[value.index] = value
                 elif kind == "error":
-                    raise job_error(value, started, timeout, plan, job)
+                    raise job_error(value, plan, job)
     except asyncio.CancelledError:
         job.cancelled = True  # the client went away: its place in the queue goes to others
         raise
