@@ -4,13 +4,17 @@ counted, reruns without duplicate error records, `--model tiny`, `mio list`, `mi
 from __future__ import annotations
 
 import json
+import os
+import pty
+import subprocess
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from mio_testing import run_mio
+from mio_testing import MIO_COMMAND, run_mio
 
 FAST = ["--max-new-tokens", "2", "--beams", "1"]
 
@@ -81,3 +85,46 @@ def test_version_and_help_panels():
     assert sections[:3] == ["Arguments", "Options", "Pixels"]
     assert sections.index("Model and device") < sections.index("Engines and server") < sections.index("Ray cluster")
     assert "CPU: mio's own" in help_text  # --quantize says what happens on the CPU too
+
+
+def _run_on_a_terminal(*args: str) -> tuple[subprocess.CompletedProcess[str], str]:
+    """Run mio with stderr on a pseudo-terminal (what a user's shell gives it); stdout stays a pipe."""
+    primary, secondary = pty.openpty()
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        # The bars redraw often: read as they come so the terminal's buffer never fills and blocks mio.
+        while True:
+            try:
+                data = os.read(primary, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    env = {k: v for k, v in os.environ.items() if k != "MIO_MODEL"}
+    done = subprocess.run([*MIO_COMMAND, *args], stdout=subprocess.PIPE, stderr=secondary, text=True, env=env,
+                          timeout=300)
+    os.close(secondary)
+    reader.join(timeout=10)
+    os.close(primary)
+    return done, b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_imagine_draws_at_the_decoders_own_size_with_its_steps_shown_on_a_terminal(tiny_model, tmp_path):
+    done, terminal = _run_on_a_terminal("imagine", "a red kite", "--model", str(tiny_model), "--beams", "1",
+                                        "--steps", "4", "-o", str(tmp_path / "tty"))
+    assert done.returncode == 0, terminal
+    written = Path(done.stdout.strip())
+    # The tiny unCLIP's UNet is 8 latents wide with the VAE's factor 8: a 64 px model, not a 768 px one.
+    assert Image.open(written).size == (64, 64)
+    assert "denoising" in terminal
+    piped = run_mio("imagine", "a red kite", "--model", str(tiny_model), "--beams", "1", "--steps", "2",
+                    "--size", "128", "-o", str(tmp_path / "pipe"))
+    assert piped.returncode == 0, piped.stderr
+    assert Image.open(piped.stdout.strip()).size == (128, 128)
+    # No terminal, no bars: stderr stays clean for logs.
+    assert "denoising" not in piped.stderr and "\x1b[" not in piped.stderr

@@ -31,6 +31,7 @@ _lock = threading.Lock()
 _depth = 0
 _saved_fd: int | None = None
 _saved_warnings: Any = None  # the outermost block's warnings.catch_warnings()
+_terminal: Any = None  # our own stderr for progress bars, see terminal_stderr()
 
 
 def set_enabled(value: bool) -> None:
@@ -89,6 +90,24 @@ def _enter() -> None:
         finally:
             os.close(null)
         _saved_fd = saved
+
+
+def terminal_stderr() -> Any:
+    """A text stream to the user's stderr that `silenced()` does not mute, for our own progress bars.
+
+    A bar is redrawn while a library call runs (an image's denoising steps): written to fd 2 then, it
+    would land in /dev/null. This writes to a copy of fd 2 taken outside any silenced block.
+    """
+    global _terminal
+    with _lock:
+        if _terminal is None:
+            source = _saved_fd if _saved_fd is not None else 2
+            try:
+                _terminal = os.fdopen(os.dup(source), "w", buffering=1, encoding=sys.stderr.encoding or "utf-8",
+                                      errors="replace")
+            except OSError:
+                _terminal = sys.stderr
+        return _terminal
 
 
 def _exit() -> None:

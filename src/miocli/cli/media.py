@@ -81,7 +81,7 @@ def ask(
 def imagine(
     prompts: Annotated[list[str], typer.Argument(help="What to draw ('-' reads one per line from stdin).")],
     count: Annotated[int, typer.Option("-n", "--count", help="Images per prompt.")] = 1,
-    steps: StepsOpt = 20, guidance: GuidanceOpt = 10.0, size: SizeOpt = 768,
+    steps: StepsOpt = 20, guidance: GuidanceOpt = 10.0, size: SizeOpt = None,
     *, opts: Common,
 ) -> int:
     """Generate images from text: SEED tokens from the LLM, pixels from unCLIP."""
@@ -102,7 +102,7 @@ def edit(
     instruction: Annotated[str, typer.Argument(help="What to change.")],
     template: Annotated[str | None, typer.Option("--template", help="User turn template with {media} and "
                                                     "{instruction} (its own text is plain text).")] = None,
-    steps: StepsOpt = 20, guidance: GuidanceOpt = 10.0, size: SizeOpt = 768,
+    steps: StepsOpt = 20, guidance: GuidanceOpt = 10.0, size: SizeOpt = None,
     *, opts: Common,
 ) -> int:
     """Edit an image following an instruction (the answer is pre-filled with <image>)."""

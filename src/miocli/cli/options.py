@@ -36,7 +36,9 @@ PIXELS = "Pixels"
 RecursiveOpt = Annotated[bool, typer.Option("--recursive", "-r", help="Walk folders recursively.")]
 StepsOpt = Annotated[int, typer.Option("--steps", help="Diffusion steps.", rich_help_panel=PIXELS)]
 GuidanceOpt = Annotated[float, typer.Option("--guidance", help="Guidance scale.", rich_help_panel=PIXELS)]
-SizeOpt = Annotated[int, typer.Option("--size", help="Output side in pixels.", rich_help_panel=PIXELS)]
+SizeOpt = Annotated[int | None, typer.Option(
+    "--size", help="Output side in pixels [default: the decoder's own: 768 for MIO, 64 for tiny]", show_default=False,
+    rich_help_panel=PIXELS)]
 FRAMES = "Video frames"
 # `--help` lists the task's own options first, then how it runs: model/runtime, then engines, server, Ray.
 PANEL_ORDER = (None, PIXELS, FRAMES, OUTPUT, GENERATION, RUNTIME, ENGINES, RAY)

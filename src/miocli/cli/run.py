@@ -8,12 +8,12 @@ puts each result on disk and stdout as it comes. Nothing heavy at import: `mio -
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
 
+from miocli import quiet
 from miocli.cli.options import Common, emit_json, err
 from miocli.errors import UsageError, article
 
@@ -82,35 +82,76 @@ def expand_text_inputs(values: list[str], what: str) -> list[str]:
 
 
 class Progress:
-    """A rich progress bar on stderr for work of `total` steps (silent when not a terminal)."""
+    """Bars on stderr while a command works, when stderr is a terminal (nothing otherwise).
+
+    One bar counts the inputs (when there are several); a second follows the long steps inside one
+    input, such as an image's denoising steps, so a single picture is not a silent minute. Each bar
+    shows the time left.
+    """
 
     def __init__(self, total: int, label: str) -> None:
         self.total = total
         self.label = label
-        self._progress: Any = None
+        self._bars: Any = None
+        self._inputs: Any = None
+        self._step: Any = None
+        self._step_label = ""
 
-    def __enter__(self) -> Callable[[int], None]:
-        if self.total > 1 and sys.stderr.isatty():
+    def __enter__(self) -> Progress:
+        if sys.stderr.isatty():
             from rich.console import Console
-            from rich.progress import Progress
+            from rich.progress import Progress as Bars
 
-            self._progress = Progress(console=Console(stderr=True), transient=True)
-            self._progress.start()
-            task = self._progress.add_task(self.label, total=self.total)
-            return lambda n: self._progress.advance(task, n)
-        return lambda n: None
+            self._bars = Bars(console=Console(file=quiet.terminal_stderr()), transient=True,
+                              # Answers piped on (`| xargs`) must reach the pipe, not the bar's terminal.
+                              redirect_stdout=sys.stdout.isatty())
+            self._bars.start()
+            if self.total > 1:
+                self._inputs = self._bars.add_task(self.label, total=self.total)
+        return self
+
+    def advance(self, n: int) -> None:
+        if self._inputs is not None:
+            self._bars.advance(self._inputs, n)
+
+    def step(self, label: str, done: int, total: int) -> None:
+        """`done` of `total` steps of the work named `label`; a new label (or a restart) starts a new bar."""
+        if self._bars is None:
+            return
+        if self._step is None or label != self._step_label or done <= 1:
+            if self._step is not None:
+                self._bars.remove_task(self._step)
+            self._step, self._step_label = self._bars.add_task(label, total=total), label
+        self._bars.update(self._step, completed=done, total=total)
+        if done >= total:
+            # Finished work leaves no full bar behind under the next one.
+            self._bars.remove_task(self._step)
+            self._step = None
 
     def __exit__(self, *exc: object) -> None:
-        if self._progress is not None:
-            self._progress.stop()
+        if self._bars is not None:
+            self._bars.stop()
+
+
+def write_all(mio: Any, api_task: str, targets: list[Any], writer: Any, **settings: Any) -> int:
+    """Stream the targets into the writer with progress on a terminal; the exit code (1 when any failed)."""
+    from miocli.output.stdout import StdoutClosed
+    from miocli.output.writer import run_and_write
+
+    with Progress(len(targets), writer.task) as bars:
+        writer.progress = bars.advance
+        try:
+            failures = run_and_write(mio, api_task, targets, writer, on_step=bars.step, **settings)
+        except StdoutClosed:
+            raise typer.Exit(141) from None
+    return 1 if failures else 0
 
 
 # ---- media tasks ------------------------------------------------------------------------------
 def run_task(api_task: str, record_task: str, kind: str, targets: list[Any], opts: Common, *,
               options: Any = None, **settings: Any) -> int:
     """Stream the targets through the task core; the writer puts each result on disk and stdout as it comes."""
-    from miocli.output.stdout import StdoutClosed
-    from miocli.output.writer import ResultWriter, run_and_write
+    from miocli.output.writer import ResultWriter
 
     if options is None:
         options = opts.generation()
@@ -123,13 +164,7 @@ def run_task(api_task: str, record_task: str, kind: str, targets: list[Any], opt
                          speech_strings=prompt.speech_strings)
         return 0
     writer = ResultWriter(record_task, kind, opts.open_output(), as_json=opts.as_json, show_names=len(targets) > 1)
-    with Progress(len(targets), record_task) as advance:
-        writer.progress = advance
-        try:
-            failures = run_and_write(mio, api_task, targets, writer, options=options, **settings)
-        except StdoutClosed:
-            raise typer.Exit(141) from None
-    return 1 if failures else 0
+    return write_all(mio, api_task, targets, writer, options=options, **settings)
 
 
 def frame_settings(max_frames: int, uniform: bool, threshold: float | None) -> dict[str, Any]:
@@ -182,7 +217,7 @@ def example_pairs(values: list[str] | None, kind: str) -> list[tuple[Any, str]]:
     return pairs
 
 
-def pixel_settings(steps: int, guidance: float, size: int) -> dict[str, Any]:
+def pixel_settings(steps: int, guidance: float, size: int | None) -> dict[str, Any]:
     from miocli.core.validate import check_pixels
 
     # Here, before any model loads, rather than in the decoder after the whole generation.

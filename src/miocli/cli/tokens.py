@@ -66,7 +66,7 @@ def detokenize(
     embeddings_only: Annotated[bool, typer.Option("--embeddings-only", help="Images: write the (n, 1024) "
                                                   "unCLIP embeddings as .npy, no diffusion.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing files.")] = False,
-    steps: StepsOpt = 20, guidance: GuidanceOpt = 10.0, size: SizeOpt = 768,
+    steps: StepsOpt = 20, guidance: GuidanceOpt = 10.0, size: SizeOpt = None,
     seed: Annotated[int | None, typer.Option("--seed", help="Random seed for the diffusion noise.")] = None,
     *, opts: Common,
 ) -> int:

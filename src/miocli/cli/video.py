@@ -28,6 +28,7 @@ from miocli.cli.run import (
     read_text_argument,
     run_task,
     text_targets,
+    write_all,
 )
 from miocli.errors import UsageError
 from miocli.media.video import DEFAULT_MAX_FRAMES
@@ -84,38 +85,36 @@ def video_gen(
     descriptions: Annotated[list[str], typer.Argument(help="What happens in the video ('-' reads one per "
                                                       "line).")],
     fps: Annotated[float, typer.Option("--fps", help="Frame rate of the assembled mp4.")] = 2.0,
-    steps: StepsOpt = 20, guidance: GuidanceOpt = 10.0, size: SizeOpt = 768,
+    steps: StepsOpt = 20, guidance: GuidanceOpt = 10.0, size: SizeOpt = None,
     *, opts: Common,
 ) -> int:
     """Generate a video as a sequence of keyframes: the frames as images plus an mp4."""
 
-    from miocli.output.writer import VIDEO, ResultWriter, run_and_write
+    from miocli.output.writer import VIDEO, ResultWriter
 
     if not (math.isfinite(fps) and fps > 0):
         raise UsageError(f"--fps must be a positive number (got {fps})")
     texts = expand_text_inputs(descriptions, "description")
     writer = ResultWriter("video-gen", VIDEO, opts.open_output(), as_json=opts.as_json, fps=fps)
-    failures = run_and_write(opts.make_mio(), "video_gen", text_targets(texts, "description"), writer,
-                             options=opts.generation(batch_size=1), **pixel_settings(steps, guidance, size))
-    return 1 if failures else 0
+    return write_all(opts.make_mio(), "video_gen", text_targets(texts, "description"), writer,
+                     options=opts.generation(batch_size=1), **pixel_settings(steps, guidance, size))
 
 
 @with_options("runtime", "generation", "json", "write")
 def interleave(
     topic: Annotated[str, typer.Argument(help="What the story is about: the prompt is \"Generate a visual story "
                                           "about TOPIC.\" ('-' reads stdin).")],
-    steps: StepsOpt = 20, guidance: GuidanceOpt = 10.0, size: SizeOpt = 768,
+    steps: StepsOpt = 20, guidance: GuidanceOpt = 10.0, size: SizeOpt = None,
     *, opts: Common,
 ) -> int:
     """Generate interleaved text and images: story.md with the text and image links, and the images."""
     from miocli.core.inputs import Item
-    from miocli.output.writer import STORY, ResultWriter, Target, run_and_write
+    from miocli.output.writer import STORY, ResultWriter, Target
 
     text = read_text_argument(topic, "topic").strip().rstrip(".")
     writer = ResultWriter("interleave", STORY, opts.open_output(), as_json=opts.as_json)
-    failures = run_and_write(opts.make_mio(), "interleave", [Target(Item(text, {"topic": text}), "story")], writer,
-                             options=opts.generation(batch_size=1), **pixel_settings(steps, guidance, size))
-    return 1 if failures else 0
+    return write_all(opts.make_mio(), "interleave", [Target(Item(text, {"topic": text}), "story")], writer,
+                     options=opts.generation(batch_size=1), **pixel_settings(steps, guidance, size))
 
 
 @with_options("runtime", "generation", "json", "write")
@@ -124,19 +123,17 @@ def cot_visual(
     image: Annotated[Path | None, typer.Option("--image", help="An image the question is about.")] = None,
     show_steps: Annotated[bool, typer.Option("--show-steps", help="Also print the first stage: the drawn "
                                              "image and any text written with it.")] = False,
-    steps: StepsOpt = 20, guidance: GuidanceOpt = 10.0, size: SizeOpt = 768,
+    steps: StepsOpt = 20, guidance: GuidanceOpt = 10.0, size: SizeOpt = None,
     *, opts: Common,
 ) -> int:
     """Chain of visual thought: draw an illustrating image, then answer with it in context."""
     from miocli.core.inputs import Item, Media
     from miocli.core.tasks import IMAGE
     from miocli.output.files import slug
-    from miocli.output.writer import COT, ResultWriter, Target, run_and_write
+    from miocli.output.writer import COT, ResultWriter, Target
 
     text = read_text_argument(question, "question").strip()
     media = [Media(IMAGE, str(image), path=image)] if image is not None else []
     writer = ResultWriter("cot-visual", COT, opts.open_output(), as_json=opts.as_json, show_steps=show_steps)
-    failures = run_and_write(opts.make_mio(), "cot_visual", [Target(Item(text, {"question": text}, media),
-                                                                    slug(text, 40))], writer,
-                             options=opts.generation(batch_size=1), **pixel_settings(steps, guidance, size))
-    return 1 if failures else 0
+    return write_all(opts.make_mio(), "cot_visual", [Target(Item(text, {"question": text}, media), slug(text, 40))],
+                     writer, options=opts.generation(batch_size=1), **pixel_settings(steps, guidance, size))

@@ -94,6 +94,7 @@ class Mio:
         on_part: Callable[[int, StoryPart], None] | None = None,
         on_tokens: Callable[[int, list[int]], None] | None = None,
         cancelled: Callable[[int], bool] | None = None,
+        on_step: Callable[[str, int, int], None] | None = None,
         options: GenerationOptions | None = None,
         **settings: Any,
     ) -> Iterator[Result]:
@@ -111,7 +112,8 @@ class Mio:
         `on_tokens(index, ids)` sees an input's answer ids as they are generated (inputs of one prompt,
         without beam search); `cancelled(index)` is asked at every step and stops that input's
         generation once it says True. When every input of a batch is cancelled the stream raises
-        `miocli.engines.base.Cancelled`.
+        `miocli.engines.base.Cancelled`. `on_step(label, done, total)` follows long work inside an
+        input, e.g. ("denoising", 5, 20) for an image's diffusion steps.
         """
         from miocli.core import stream
         from miocli.core.steps import StreamSettings
@@ -127,7 +129,7 @@ class Mio:
         context = _ItemContext(question, image, rate, with_timbre)
         items = (self._item(task, value, n, context) for n, value in enumerate(inputs))
         run_settings = StreamSettings(options, pixel, frames, shots, template, on_part, embeddings_only,
-                                      on_tokens, cancelled)
+                                      on_tokens, cancelled, on_step)
         return stream.run(self, task, items, run_settings)
 
     def check_settings(self, task: str, settings: dict[str, Any], template: str | None = None) -> None:

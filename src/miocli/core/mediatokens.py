@@ -31,7 +31,8 @@ class PixelOptions:
 
     steps: int = 20
     guidance: float = 10.0
-    size: int = 768
+    # None: the decoder's own side, from its config (768 for MIO's SD 2.1 unCLIP).
+    size: int | None = None
     seed: int | None = None
 
     def __post_init__(self) -> None:

@@ -48,6 +48,8 @@ class StreamSettings:
     on_tokens: Callable[[int, list[int]], None] | None = None
     # Called with an input index: True once its answer is no longer wanted (stops at the next step).
     cancelled: Callable[[int], bool] | None = None
+    # Called with (label, done, total) through long work inside an input: an image's denoising steps.
+    on_step: Callable[[str, int, int], None] | None = None
 
 
 def batches(items: Iterable[Item], size: int) -> Iterator[list[tuple[int, Item]]]:
@@ -283,8 +285,17 @@ class Run:
     def images(self, id_lists: list[list[int]]) -> list[Any]:
         # One picture per unCLIP call: a batched UNet rounds differently (a few pixels off by one),
         # and a seeded image must not depend on what else was decoded with it.
-        return [image for ids in id_lists for image in mediatokens.images_from_ids(self.runtime, [ids],
-                                                                                      self.settings.pixel)]
+        count = len(id_lists)
+        return [image for number, ids in enumerate(id_lists, start=1)
+                for image in mediatokens.images_from_ids(self.runtime, [ids], self.settings.pixel,
+                                                         progress=self._steps(number, count))]
+
+    def _steps(self, number: int, count: int) -> Callable[[int, int], None] | None:
+        on_step = self.settings.on_step
+        if on_step is None:
+            return None
+        label = "denoising" if count == 1 else f"denoising image {number} of {count}"
+        return lambda done, total: on_step(label, done, total)
 
     def audio(self, codes: list[list[list[int]]]) -> list[Audio]:
         return [Audio(mediatokens.speech_from_codes(self.runtime, c)) for c in codes]

@@ -53,7 +53,10 @@ def check_seed(seed: Any, what: str = "--seed") -> None:
 
 
 def check_pixels(steps: Any, guidance: Any, size: Any) -> None:
-    """The unCLIP settings (--steps, --guidance, --size), checked before any image is generated."""
+    """The unCLIP settings (--steps, --guidance, --size), checked before any image is generated.
+
+    A size of None is the decoder's own; the decoder checks it against its own rule once loaded.
+    """
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
         raise UsageError(f"--steps must be a whole number from 1 to {MAX_STEPS}, not {steps!r}",
                          hint="the reference uses 20")
@@ -61,6 +64,8 @@ def check_pixels(steps: Any, guidance: Any, size: Any) -> None:
             or guidance < 0:
         raise UsageError(f"--guidance must be a finite number of at least 0, not {guidance!r}",
                          hint="the reference uses 10")
+    if size is None:
+        return
     if isinstance(size, bool) or not isinstance(size, int):
         raise UsageError(f"--size must be a whole number of pixels, not {size!r}")
     if size > MAX_IMAGE_SIZE:

@@ -21,7 +21,7 @@ AUDIO_FORMATS = {".wav": "wav", ".flac": "flac"}
 
 
 def run_detokenize(mio: Any, text: str | protocol.ParsedOutput, output: str, *, embeddings_only: bool,
-                   overwrite: bool, seed: int | None, steps: int, guidance: float, size: int,
+                   overwrite: bool, seed: int | None, steps: int, guidance: float, size: int | None,
                    source: str = "the tokens") -> list[str]:
     """Decode one token text (or its parse) into `output` (and NAME-2, … for more segments); returns what was
     written."""

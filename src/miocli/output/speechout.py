@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from miocli import quiet
 from miocli.core import speechfile
 from miocli.errors import InputError, UsageError
 from miocli.output.files import atomic_write, write_errors, write_single_file
@@ -96,7 +97,9 @@ class _progress:  # noqa: N801 - a context manager used like a function
         from rich.console import Console
         from rich.progress import Progress
 
-        self._bar = Progress(console=Console(stderr=True), transient=True)
+        self._bar = Progress(console=Console(file=quiet.terminal_stderr()), transient=True,
+                             # Answers piped on (`| xargs`) must reach the pipe, not the bar's terminal.
+                             redirect_stdout=sys.stdout.isatty())
         self._bar.start()
         task = self._bar.add_task("decoding speech", total=self.total)
         return lambda done, total: self._bar.update(task, completed=done)

@@ -330,7 +330,10 @@ def _tidy_markdown(text: str) -> str:
 
 
 def run_and_write(mio: Any, api_task: str, targets: list[Target], writer: ResultWriter, **settings: Any) -> int:
-    """Stream the targets through the core and write each result as it arrives; returns the failure count."""
+    """Stream the targets through the core and write each result as it arrives; returns the failure count.
+
+    `on_step(label, done, total)` among the settings follows the long steps inside an input (see Mio.stream).
+    """
     todo = list(writer.todo(targets))
     if not todo:
         return writer.failures

@@ -400,9 +400,9 @@ class RayMio:
     def stream(self, task: str, inputs: Iterable[Item], *, examples: Sequence[tuple[Any, str]] = (),
                template: str | None = None, embeddings_only: bool = False,
                on_part: Callable[[int, StoryPart], None] | None = None, options: GenerationOptions | None = None,
-               **settings: Any) -> Iterator[Result]:
-        """Results in input order as the workers finish them; `on_part` is not called (a story's images
-        are written with its result)."""
+               on_step: Callable[[str, int, int], None] | None = None, **settings: Any) -> Iterator[Result]:
+        """Results in input order as the workers finish them; `on_part` and `on_step` are not called (a
+        story's images are written with its result, a worker's steps stay on the worker)."""
         items = list(inputs)
         if not items:
             return

@@ -68,8 +68,9 @@ class RemoteMio:
     def stream(self, task: str, inputs: Iterable[Item], *, examples: list[tuple[Any, str]] | tuple = (),
                template: str | None = None, embeddings_only: bool = False,
                on_part: Callable[[int, StoryPart], None] | None = None, options: Any = None,
-               **settings: Any) -> Iterator[Result]:
-        """Results in input order, a request of one batch at a time."""
+               on_step: Callable[[str, int, int], None] | None = None, **settings: Any) -> Iterator[Result]:
+        """Results in input order, a request of one batch at a time; `on_step` is not called (the
+        steps inside an input happen on the server)."""
         if options is not None:
             settings = {**_options_dict(options), **settings}
         settings = {k: v for k, v in settings.items() if v is not None}

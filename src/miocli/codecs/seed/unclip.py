@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 NOISE_LEVEL = 0
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 10.0
+# The real decoder's side; a checkpoint's own comes from its config (UnclipDecoder.native_size).
 DEFAULT_SIZE = 768
 
 ProgressFn = Callable[[int, int], None]
@@ -92,6 +93,15 @@ class UnclipDecoder:
         return int(self.pipeline.image_normalizer.config.embedding_dim)
 
     @property
+    def native_size(self) -> int:
+        """The side this unCLIP was trained at (768 for SD 2.1): the UNet's latent side times the VAE's factor.
+
+        Read from the checkpoint's own config, so a small decoder (the tiny one is 64 px) is not asked
+        for 768 px pictures it was never made for, at 100x the time.
+        """
+        return int(self.pipeline.unet.config.sample_size) * int(self.pipeline.vae_scale_factor)
+
+    @property
     def size_multiple(self) -> int:
         """Output sizes must be multiples of this (64 for the real model)."""
         vae_factor = int(self.pipeline.vae_scale_factor)
@@ -113,11 +123,11 @@ class UnclipDecoder:
         negative_embeds: torch.Tensor | None = None,
         steps: int = DEFAULT_STEPS,
         guidance: float = DEFAULT_GUIDANCE,
-        size: int = DEFAULT_SIZE,
+        size: int | None = None,
         seed: int | None = None,
         progress: ProgressFn | None = None,
     ) -> list[PIL.Image.Image]:
-        """One RGB `size`x`size` picture per row of `image_embeds` (b, 1024).
+        """One RGB `size`x`size` picture per row of `image_embeds` (b, 1024); `size` None is `native_size`.
 
         `negative_embeds` ((1, 1024) or (b, 1024)) replaces the all-zero unconditional
         embedding of classifier-free guidance. `progress(step, total)` is called after each
@@ -132,6 +142,8 @@ class UnclipDecoder:
             if negative.shape[0] not in (1, batch):
                 raise ValueError(f"negative_embeds has {negative.shape[0]} rows; expected 1 or {batch}")
             negative = negative.expand(batch, -1)
+        if size is None:
+            size = self.native_size
         self._check_settings(steps, guidance, size)
         if batch == 0:
             return []
@@ -200,10 +212,10 @@ class UnclipDecoder:
             raise UsageError(f"the guidance scale must be a finite number >= 0, not {guidance!r}")
         multiple = self.size_multiple
         if isinstance(size, bool) or not isinstance(size, int) or size < multiple or size % multiple:
-            nearest = max(multiple, round(size / multiple) * multiple) if isinstance(size, int) else DEFAULT_SIZE
+            nearest = max(multiple, round(size / multiple) * multiple) if isinstance(size, int) else self.native_size
             raise UsageError(
                 f"image size {size!r} is not a positive multiple of {multiple}",
-                hint=f"use e.g. {nearest} (the reference uses {DEFAULT_SIZE})",
+                hint=f"use e.g. {nearest} (this decoder's own size is {self.native_size})",
             )
 
 
