@@ -129,6 +129,38 @@ def test_asr_splits_a_long_recording_and_joins_the_parts(short_context_model, re
     manifest = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert [r["chunks"] for r in manifest if r["input"] == str(long_path)] == [len(parts)]
     assert len(manifest) == 2 + len(parts)
+    # Each part is a segment with its times: consecutive, covering the recording, with the part's own text.
+    ends = np.cumsum([len(part) for (part,) in parts]) / RATE
+    assert [s["end"] for s in long_record["segments"]] == pytest.approx(list(ends), abs=1e-3)
+    assert [s["start"] for s in long_record["segments"]] == pytest.approx([0.0, *ends[:-1]], abs=1e-3)
+    assert [s["text"] for s in long_record["segments"]] == part_texts
+    short_seconds = len(read_audio(short_path)) / RATE
+    assert records["short.wav"]["segments"] == [{"start": 0.0, "end": pytest.approx(short_seconds, abs=1e-3),
+                                                  "text": records["short.wav"]["text"].strip()}]
+
+
+def test_asr_writes_subtitles_timed_by_its_parts(short_context_model, recordings, tmp_path):
+    long_path, short_path, _ = recordings
+    out = tmp_path / "subs"
+    done = run_mio("asr", str(long_path), str(short_path), "--model", str(short_context_model), *ASR,
+                   "--format", "srt", "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [str(out / "long.asr.srt"), str(out / "short.asr.srt")]
+    cues = (out / "long.asr.srt").read_text(encoding="utf-8").strip().split("\n\n")
+    assert len(cues) > 1
+    times = [cue.splitlines()[1] for cue in cues]
+    assert [cue.splitlines()[0] for cue in cues] == [str(n) for n in range(1, len(cues) + 1)]
+    assert times[0].startswith("00:00:00,000 --> 00:00:0")
+    # Each cue starts where the one before it ended.
+    assert all(a.split(" --> ")[1] == b.split(" --> ")[0] for a, b in zip(times, times[1:]))
+    vtt = run_mio("asr", str(short_path), "--model", str(short_context_model), *ASR, "--format", "vtt")
+    assert vtt.returncode == 0, vtt.stderr
+    assert vtt.stdout.startswith("WEBVTT\n\n00:00:00.000 --> 00:00:0")
+    whisper_like = run_mio("asr", str(short_path), "--model", str(short_context_model), *ASR, "--format", "json")
+    document = json.loads(whisper_like.stdout)
+    assert set(document) == {"text", "segments"} and document["segments"][0]["id"] == 0
+    several = run_mio("asr", str(long_path), str(short_path), "--model", str(short_context_model), "--format", "srt")
+    assert several.returncode == 2 and "pass -o DIR" in several.stderr
 
 
 def test_speech2speech_refuses_a_too_long_recording_and_runs_the_rest(short_context_model, recordings, tmp_path):

@@ -220,6 +220,12 @@ def test_transcriptions_in_every_response_format(client: Any, mio: Mio):
     assert as_json.text == verbose.text == expected
     assert as_text == expected
     assert verbose.duration == pytest.approx(1.0) and verbose.language == "en"
+    # One segment: the recording fits one prompt, and MIO's transcripts carry no finer times.
+    assert [(s.start, s.end, s.text) for s in verbose.segments] == [(0.0, pytest.approx(1.0), expected.strip())]
+    srt = client.audio.transcriptions.create(model="mio", file=upload, response_format="srt", extra_body=TEXT)
+    assert srt.startswith("1\n00:00:00,000 --> 00:00:01,000\n")
+    vtt = client.audio.transcriptions.create(model="mio", file=upload, response_format="vtt", extra_body=TEXT)
+    assert vtt.startswith("WEBVTT\n\n00:00:00.000 --> 00:00:01.000\n")
 
 
 def test_speech_is_the_in_process_recording(client: Any, mio: Mio):
@@ -339,7 +345,7 @@ def test_the_client_sees_bad_uploads_as_bad_requests(client: Any):
         client.audio.transcriptions.create(model="mio", file=("talk.wav", b"RIFF0000WAVEjunk", "audio/wav"))
     with pytest.raises(openai.BadRequestError, match="response_format"):
         client.audio.transcriptions.create(model="mio", file=("talk.wav", wav_bytes(), "audio/wav"),
-                                           response_format="srt")
+                                           response_format="diarized_json")
     with pytest.raises(openai.BadRequestError, match="mask"):
         client.images.edit(model="mio", image=("p.png", png_bytes(), "image/png"), mask=("m.png", png_bytes()),
                            prompt="red")

@@ -123,13 +123,24 @@ def edit(
 def asr(
     audio: Annotated[list[str], typer.Argument(help="Audio files, folders, globs, or '-' (paths on stdin).")],
     recursive: RecursiveOpt = False,
+    output_format: Annotated[str, typer.Option(
+        "--format", help="txt, json (text and segments), srt or vtt: subtitles timed by the parts a recording is "
+        "transcribed in.", metavar="FORMAT")] = "txt",
     *, opts: Common,
 ) -> int:
     """Transcribe speech."""
     from miocli.core.tasks import AUDIO
+    from miocli.output.transcripts import FORMATS, WHOLE_DOCUMENTS
     from miocli.output.writer import TEXT
 
-    return run_task("asr", "asr", TEXT, media_targets(AUDIO, audio, recursive, {}), opts)
+    if output_format not in FORMATS:
+        raise UsageError(f"--format {output_format} is not a transcript format",
+                         hint=f"use one of {', '.join(FORMATS)}")
+    targets = media_targets(AUDIO, audio, recursive, {})
+    if output_format in WHOLE_DOCUMENTS and len(targets) > 1 and opts.output_dir is None and not opts.as_json:
+        raise UsageError(f"--format {output_format} prints one document, and {len(targets)} recordings were given",
+                         hint=f"pass -o DIR to write one .{output_format} file per recording")
+    return run_task("asr", "asr", TEXT, targets, opts, text_format=output_format)
 
 
 @with_options("runtime", "ray", "generation", "batch", "json", "prompt", "output")

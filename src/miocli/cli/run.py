@@ -149,8 +149,9 @@ def write_all(mio: Any, api_task: str, targets: list[Any], writer: Any, **settin
 
 # ---- media tasks ------------------------------------------------------------------------------
 def run_task(api_task: str, record_task: str, kind: str, targets: list[Any], opts: Common, *,
-              options: Any = None, **settings: Any) -> int:
-    """Stream the targets through the task core; the writer puts each result on disk and stdout as it comes."""
+              options: Any = None, text_format: str = "txt", **settings: Any) -> int:
+    """Stream the targets through the task core; the writer puts each result on disk and stdout as it comes
+    (text answers as `text_format`, see output/transcripts.py)."""
     from miocli.output.writer import ResultWriter
 
     if options is None:
@@ -163,7 +164,8 @@ def run_task(api_task: str, record_task: str, kind: str, targets: list[Any], opt
             print_prompt(mio, prompt.text, opts.as_json, image_strings=prompt.image_strings,
                          speech_strings=prompt.speech_strings)
         return 0
-    writer = ResultWriter(record_task, kind, opts.open_output(), as_json=opts.as_json, show_names=len(targets) > 1)
+    writer = ResultWriter(record_task, kind, opts.open_output(), as_json=opts.as_json, show_names=len(targets) > 1,
+                          text_format=text_format)
     return write_all(mio, api_task, targets, writer, options=options, **settings)
 
 

@@ -60,6 +60,22 @@ class StoryPart:
 
 
 @dataclass
+class Segment:
+    """A stretch of a transcribed recording: `start` and `end` in seconds from its beginning.
+
+    MIO's transcripts carry no times of their own, so a segment is one prompt's worth of the
+    recording (the parts a long one is split into at quiet points), not a sentence or a word.
+    """
+
+    start: float
+    end: float
+    text: str
+
+    def to_record(self) -> dict[str, Any]:
+        return {"start": round(self.start, 3), "end": round(self.end, 3), "text": self.text}
+
+
+@dataclass
 class Step:
     """One stage of a multi-stage task (cot_visual: "illustrate", then "answer")."""
 
@@ -90,6 +106,8 @@ class Result:
     embeddings: Any = None
     # How many prompts the input took (a long recording is transcribed in parts).
     chunks: int = 1
+    # asr: the times of each part and its text (one segment for a recording that fits one prompt).
+    segments: list[Segment] = field(default_factory=list)
     error: MioError | None = None
 
     @property
@@ -109,6 +127,8 @@ class Result:
         record: dict[str, Any] = {"task": self.task, "input": self.input, "text": self.text, "problems": self.problems}
         if self.chunks > 1:
             record["chunks"] = self.chunks
+        if self.segments:
+            record["segments"] = [segment.to_record() for segment in self.segments]
         if self.error is not None:
             record["error"] = self.error.message
             if self.error.hint:

@@ -16,9 +16,9 @@ from typing import Any
 from miocli import protocol
 from miocli.core import mediatokens
 from miocli.core.inputs import Example, Item
-from miocli.core.pipeline import Generated, PromptBudget
+from miocli.core.pipeline import SPEECH_RATE, Generated, PromptBudget
 from miocli.core.prompts import Prompt, Shot, task_prompt_text
-from miocli.core.results import Audio, Result, StoryPart
+from miocli.core.results import Audio, Result, Segment, StoryPart
 from miocli.core.tasks import AUDIO, IMAGE, IMAGE_OUT, MIXED_OUT, SPEECH_OUT, TASKS, VIDEO, Task
 from miocli.errors import InputError, MioError, UsageError
 from miocli.media.video import FrameOptions
@@ -77,6 +77,8 @@ class Pending:
     images: list[Any] = field(default_factory=list)
     # cot_visual's second stage: the first stage it follows.
     drawing: Pending | None = None
+    # asr: each prompt's (start, end) in seconds of the recording, for the result's segments.
+    spans: list[tuple[float, float]] = field(default_factory=list)
 
 
 class Run:
@@ -190,6 +192,8 @@ class Run:
         if task.media == AUDIO or any(m.kind == AUDIO for m in item.media):
             per_frame = protocol.SPEECH_LAYERS_IN_OUTPUT if item.with_timbre else 1
             parts = self.budget(task).fit(item.name, item.fields, media, per_frame)
+            if task.name == "asr":
+                pending.spans = _spans([len(part[0]) for part in parts])
             for part in parts:
                 speeches = [self.speech_string(wave, item.with_timbre) for wave in part]
                 pending.prompts.append(self.prompt(task, item, [], speeches))
@@ -303,7 +307,7 @@ class Run:
     def results(self, pendings: list[Pending]) -> list[Result]:
         """Each input's answer, with the media its task outputs decoded: the batch's images go
         through unCLIP one picture at a time (`images`)."""
-        results = [joined_result(self.name, p.item.name, p.index, p.generated) for p in pendings]
+        results = [joined_result(self.name, p.item.name, p.index, p.generated, p.spans) for p in pendings]
         outputs = [p.task.output for p in pendings]
         painted = [r for r, output in zip(results, outputs) if output in (IMAGE_OUT, MIXED_OUT)]
         images = self.images([ids for r in painted for ids in r.image_ids])
@@ -319,8 +323,19 @@ class Run:
         return results
 
 
-def joined_result(task: str, name: str, index: int, replies: list[Generated]) -> Result:
-    """One input's result from its generation(s): the parts of a long recording joined in order."""
+def _spans(lengths: list[int]) -> list[tuple[float, float]]:
+    """(start, end) seconds of consecutive parts of `lengths` samples (the splitter leaves no gaps)."""
+    spans, start = [], 0
+    for length in lengths:
+        spans.append((start / SPEECH_RATE, (start + length) / SPEECH_RATE))
+        start += length
+    return spans
+
+
+def joined_result(task: str, name: str, index: int, replies: list[Generated],
+                  spans: Sequence[tuple[float, float]] = ()) -> Result:
+    """One input's result from its generation(s): the parts of a long recording joined in order, each
+    part a segment with its times when `spans` gives them."""
     parsed = [g.parsed for g in replies]
     count = len(replies)
     problems = [f"{f'part {n + 1} of {count}: ' if count > 1 else ''}malformed {p.kind} segment: {p.reason}"
@@ -331,4 +346,5 @@ def joined_result(task: str, name: str, index: int, replies: list[Generated]) ->
         token_ids=[i for g in replies for i in g.token_ids], problems=problems,
         image_ids=[s.ids for p in parsed for s in p.images], speech_codes=[s.codes for p in parsed for s in p.speeches],
         chunks=count,
+        segments=[Segment(start, end, p.text.strip()) for (start, end), p in zip(spans, parsed)],
     )

@@ -59,6 +59,7 @@ class ResultWriter:
     fps: float = 2.0
     show_steps: bool = False  # cot-visual: print the drawing stage before the answer
     label: str = ""  # `mio demo`: each file's line says which task wrote it ("caption: PATH"), no answer text
+    text_format: str = "txt"  # asr --format: txt, json, srt or vtt (output/transcripts.py)
     failures: int = 0
     written: int = 0
     progress: Callable[[int], None] = lambda n: None
@@ -76,7 +77,7 @@ class ResultWriter:
     def main_name(self, target: Target) -> str:
         """The file that says an input is done (what --skip-existing looks for)."""
         return {
-            TEXT: f"{target.stem}.{self.task}.txt", IMAGE: f"{target.stem}.{self.task}.png",
+            TEXT: f"{target.stem}.{self.task}.{self.text_format}", IMAGE: f"{target.stem}.{self.task}.png",
             SPEECH: f"{target.stem}.{self.task}.{self.audio_format}", VIDEO: f"{target.stem}.{self.task}.mp4",
             STORY: "story.md", COT: f"{target.stem}.{self.task}.png", GENERATE: f"{target.stem}.txt",
         }[self.kind]
@@ -178,7 +179,7 @@ class ResultWriter:
         assert out is not None
         stem, task = target.stem, self.task
         if self.kind == TEXT:
-            return [self._text_file(f"{stem}.{task}.txt", result.text, target)]
+            return [self._text_file(self.main_name(target), self._transcript(result), target)]
         if self.kind == GENERATE:
             return [self._text_file(f"{stem}.txt", result.text, target)]
         if self.kind == STORY:
@@ -196,6 +197,11 @@ class ResultWriter:
         for index, audio in enumerate(result.audio):
             files.append(self._audio_file(f"{stem}.{task}{_number(index)}.{self.audio_format}", audio, target))
         return files
+
+    def _transcript(self, result: Result) -> str:
+        from miocli.output.transcripts import render
+
+        return render(result, self.text_format)
 
     def _text_file(self, name: str, text: str, target: Target) -> str:
         assert self.out is not None
@@ -269,6 +275,9 @@ class ResultWriter:
             self._emit(json_line(record))
             return
         if self.out is None:
+            if self.text_format != "txt":
+                self._emit(self._transcript(result))
+                return
             text = one_line(result.text) if self.show_names else result.text
             self._emit(f"{display_name(target.name)}: {text}" if self.show_names else text)
             return

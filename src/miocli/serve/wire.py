@@ -17,7 +17,7 @@ from typing import Any
 
 from miocli import errors
 from miocli.core.inputs import Example, Item, Media
-from miocli.core.results import Audio, Result, Step, StoryPart
+from miocli.core.results import Audio, Result, Segment, Step, StoryPart
 
 ERRORS: dict[str, type[errors.MioError]] = {
     cls.__name__: cls for cls in (errors.MioError, errors.UsageError, errors.InputError, errors.ModelError,
@@ -208,6 +208,7 @@ def result_to_json(result: Result) -> dict[str, Any]:
         "task": result.task, "input": result.input, "index": result.index, "text": result.text, "raw": result.raw,
         "token_ids": result.token_ids, "problems": result.problems, "image_ids": result.image_ids,
         "speech_codes": result.speech_codes, "chunks": result.chunks,
+        "segments": [segment.to_record() for segment in result.segments],
         "images": [_b64(png(image)) for image in result.images],
         "audio": [audio_to_json(audio) for audio in result.audio],
         # Parts name their media by position in images/audio instead of sending them twice.
@@ -244,6 +245,7 @@ def result_from_json(data: dict[str, Any]) -> Result:
         raw=data.get("raw", ""), token_ids=data.get("token_ids", []), problems=data.get("problems", []),
         images=images, audio=audio, image_ids=data.get("image_ids", []), speech_codes=data.get("speech_codes", []),
         chunks=int(data.get("chunks", 1)),
+        segments=[Segment(float(s["start"]), float(s["end"]), str(s["text"])) for s in data.get("segments", [])],
     )
     for part in data.get("parts", []):
         ref = part.get("ref")

@@ -35,8 +35,13 @@ async def transcriptions(mio: Any, worker: Any, request: Request) -> Any:
         return PlainTextResponse(result.text)
     if response_format == "json":
         return {"text": result.text}
+    if response_format in ("srt", "vtt"):
+        from miocli.output.transcripts import render
+
+        return PlainTextResponse(render(result, response_format) + "\n")
+    segments = [{"id": n, **segment.to_record()} for n, segment in enumerate(result.segments)]
     return {"task": "transcribe", "language": texts.get("language", "unknown"), "duration": _duration(data),
-            "text": result.text}
+            "text": result.text, "segments": segments}
 
 
 def _duration(data: bytes) -> float:

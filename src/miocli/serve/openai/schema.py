@@ -121,7 +121,7 @@ class SpeechRequest(Generation):
 
 class TranscriptionRequest(Generation):
     model: str
-    response_format: Literal["json", "text", "verbose_json"] = "json"
+    response_format: Literal["json", "text", "verbose_json", "srt", "vtt"] = "json"
     stream: Literal[False] = False
     prompt: Any = None  # a style hint for Whisper: MIO's transcription prompt has none
     language: str | None = None  # MIO transcribes the recording's own language
