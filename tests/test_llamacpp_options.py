@@ -65,3 +65,23 @@ def test_doctor_says_whether_llama_cpp_is_here(tiny_model: Path):
     entry = doctor.collect(str(tiny_model), None, "cpu")["engines"]["llamacpp"]
     assert entry["usable"] is (llamacpp.llamacpp_problem() is None)
     assert (entry["problem"] is None) is entry["usable"]
+
+
+def test_the_engine_picks_its_gguf_type(tiny_model: Path, tmp_path: Path):
+    import json
+
+    def picked(model: Path, **options: str) -> str:
+        return llamacpp.LlamaCpp(Runtime(RuntimeOptions(model=str(model), device="cpu", **options))).gguf_type()
+
+    assert picked(tiny_model) == "f32"  # small: exact
+    assert picked(tiny_model, quantize="4bit") == "q4_0"
+    assert picked(tiny_model, dtype="bfloat16") == "f16"
+    big = tmp_path / "big"
+    big.mkdir()
+    config = json.loads((tiny_model / "config.json").read_text())
+    config.update(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=4, vocab_size=76288)
+    (big / "config.json").write_text(json.dumps(config))
+    assert picked(big) == "f16"
+    assert picked(big, dtype="float32") == "f32"
+    assert picked(big, quantize="8bit") == "q8_0"

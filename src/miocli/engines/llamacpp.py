@@ -128,10 +128,18 @@ class LlamaCpp:
         self._llm: Any = None
 
     def gguf_type(self) -> str:
-        from miocli.model.devices import resolve_quantize
+        """--quantize, else --dtype; `--dtype auto` is f32 for a small LLM (exact, cheap) and f16 for a large one,
+        which llama.cpp computes on any x86-64 CPU with F16C (where torch's auto would fall back to float32)."""
+        from miocli.model import memory
+        from miocli.model.devices import BF16_FROM_PARAMETERS, resolve_quantize
 
-        quantize = resolve_quantize(self.runtime.options.quantize, self.runtime.device)
-        return gguf_type_for(quantize, str(self.runtime.dtype).replace("torch.", ""))
+        options = self.runtime.options
+        quantize = resolve_quantize(options.quantize, self.runtime.device)
+        if options.dtype == "auto":
+            config = memory.llm_config(self.runtime.model_dir)
+            large = config is not None and memory.llm_size(config).parameters >= BF16_FROM_PARAMETERS
+            return gguf_type_for(quantize, "float16" if large else "float32")
+        return gguf_type_for(quantize, options.dtype)
 
     def llm(self) -> Any:
         if self._llm is None:
