@@ -159,3 +159,14 @@ def test_cli_export_gguf(tiny_model: Path, tmp_path: Path):
     assert "Traceback" not in again.stderr
     bad = run_mio("export-gguf", str(tiny_model), str(tmp_path / "x.gguf"), "--type", "q3")
     assert bad.returncode == 2 and "q4_0, q8_0, f16, f32" in bad.stderr
+
+
+def test_export_help_stays_light():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom miocli.cli.app import main\ntry:\n    main(['export-gguf', '--help'])\n"
+            "except SystemExit:\n    pass\nprint('HEAVY:', [m for m in ('torch', 'transformers', 'gguf', 'numpy') "
+            "if m in sys.modules], file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "HEAVY: []" in done.stderr and "--type q4_0|q8_0|f16|f32" in done.stdout
