@@ -32,6 +32,8 @@ GGUF_TYPES = ("q4_0", "q8_0", "f16", "f32")
 EXPORT_VERSION = 1
 # sentencepiece token types as llama.cpp reads them (gguf.TokenType)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+# Rows of a matrix converted at once (see _Plan.data).
+CHUNK_ROWS = 2048
 INSTALL_HINT = "pip install 'miocli[llamacpp]' (or just `pip install gguf`)"
 
 
@@ -149,8 +151,15 @@ class _Plan:
             tensor = _permute(tensor, self.heads)
         elif key.endswith(("k_proj.weight", "k_proj.bias")):
             tensor = _permute(tensor, self.kv_heads)
-        array = tensor.to(torch.float32).numpy()
-        return self.gguf.quants.quantize(array, qtype)
+        if tensor.ndim < 2 or tensor.shape[0] <= CHUNK_ROWS:
+            return self.gguf.quants.quantize(tensor.to(torch.float32).numpy(), qtype)
+        import numpy
+
+        # Block by block: quantizing works on several float32 copies of its input (1.25 GB each for MIO-7B's
+        # embeddings in one piece); in pieces of rows only the quantized bytes (or f16 values) of the whole tensor are held.
+        return numpy.concatenate([self.gguf.quants.quantize(tensor[start : start + CHUNK_ROWS].to(torch.float32)
+                                                            .numpy(), qtype)
+                                  for start in range(0, tensor.shape[0], CHUNK_ROWS)])
 
 
 def _permute(weights: Any, heads: int) -> Any:
