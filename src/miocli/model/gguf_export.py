@@ -156,7 +156,7 @@ class _Plan:
         import numpy
 
         # Block by block: quantizing works on several float32 copies of its input (1.25 GB each for MIO-7B's
-        # embeddings in one piece); in pieces of rows only the quantized bytes (or f16 values) of the whole tensor are held.
+        # embeddings in one piece); in pieces of rows, only the whole tensor's quantized bytes are held.
         return numpy.concatenate([self.gguf.quants.quantize(tensor[start : start + CHUNK_ROWS].to(torch.float32)
                                                             .numpy(), qtype)
                                   for start in range(0, tensor.shape[0], CHUNK_ROWS)])
