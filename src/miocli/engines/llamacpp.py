@@ -126,6 +126,7 @@ class LlamaCpp:
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
         self._llm: Any = None
+        self._vocab: Any = None
 
     def gguf_type(self) -> str:
         """--quantize, else --dtype; `--dtype auto` is f32 for a small LLM (exact, cheap) and f16 for a large one,
@@ -198,8 +199,9 @@ class LlamaCpp:
         settings = job.settings
         constraint = None
         if job.rule_for is not None:
-            vocab = MediaVocabulary(self.runtime.tokenizer)
-            constraint = SegmentConstraint(vocab, len(prompt), settings.max_new_tokens,
+            if self._vocab is None:
+                self._vocab = MediaVocabulary(self.runtime.tokenizer)
+            constraint = SegmentConstraint(self._vocab, len(prompt), settings.max_new_tokens,
                                            rule=job.rule_for(settings.max_new_tokens))
         seed = job.seeds[n] if job.seeds is not None else None
         processor = StepProcessor(settings, constraint, seed)
