@@ -2,7 +2,7 @@
 
 - `chat`: chat and generate (text in, text out);
 - `media`: the image and speech tasks; `video`: video and composite tasks; `tokens`: tokenize, detokenize;
-- `server`: mio serve; `housekeeping`: doctor, download, demo;
+- `server`: mio serve; `housekeeping`: doctor, download, demo; `export`: export-gguf;
 - shared: `options` (the option groups, `Common`), `run` (targets, one run through the core into the writer).
 
 Thin: options, inputs, printing; the work is in the core (`miocli.core.api.Mio`). Nothing heavy is
@@ -17,7 +17,7 @@ import sys
 
 import typer
 
-from miocli.cli import chat, housekeeping, media, server, tokens, video
+from miocli.cli import chat, export, housekeeping, media, server, tokens, video
 from miocli.cli.options import PanelCommand
 from miocli.cli.run import EXAMPLE_SEPARATOR
 
@@ -60,7 +60,7 @@ COMMANDS = [
     ("asr", media.asr), ("tts", media.tts), ("speak", media.speak), ("speech2speech", media.speech2speech),
     ("keyframes", video.keyframes), ("video-caption", video.video_caption), ("video-gen", video.video_gen),
     ("interleave", video.interleave), ("cot-visual", video.cot_visual),
-    ("serve", server.serve),
+    ("serve", server.serve), ("export-gguf", export.export_gguf),
 ]
 for name, command in COMMANDS:
     app.command(name, cls=PanelCommand)(command)

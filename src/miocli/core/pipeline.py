@@ -45,6 +45,12 @@ class Engine:
             raise UsageError(f"--quantize {runtime.options.quantize} is for the transformers engine",
                              hint="give vLLM a quantized checkpoint instead, or drop --engine/--engine-url")
         self._generator: Generator | None = None
+        if runtime.options.engine == "llamacpp":
+            from miocli.engines.llamacpp import llamacpp_problem, missing_llamacpp
+
+            problem = llamacpp_problem()
+            if problem:
+                raise missing_llamacpp(problem)
         if runtime.options.engine == "vllm" and not runtime.options.engine_url:
             from miocli.engines.vllm_local import missing_vllm, vllm_problem
 
@@ -61,6 +67,10 @@ class Engine:
                 from miocli.engines.vllm_server import VllmServer
 
                 self._generator = VllmServer(options.engine_url)
+            elif options.engine == "llamacpp":
+                from miocli.engines.llamacpp import LlamaCpp
+
+                self._generator = LlamaCpp(self.runtime)
             elif options.engine == "vllm":
                 from miocli.engines.vllm_local import VllmLocal
 
@@ -173,7 +183,14 @@ class Engine:
         if context is not None and context - longest < settings.max_new_tokens:
             settings = GenerationOverrides(max_new_tokens=context - longest).apply(settings)
         generator = self.generator()
-        if generator.name != "transformers":
+        if generator.name == "llamacpp":
+            from miocli.engines.base import note_once
+            from miocli.engines.llamacpp import llamacpp_settings
+
+            settings, note = llamacpp_settings(settings, overrides.num_beams if overrides is not None else None)
+            if note:
+                note_once(f"`{task.name}` on --engine llamacpp: {note}")
+        elif generator.name != "transformers":
             from miocli.engines.base import note_once, vllm_settings
 
             settings, note = vllm_settings(settings, constrain)

