@@ -120,7 +120,16 @@ def test_defaults_follow_the_protocol() -> None:
     params = inspect.signature(UnclipDecoder.decode).parameters
     assert params["steps"].default == 20
     assert params["guidance"].default == 10.0
-    assert params["size"].default == 768
+    assert params["size"].default is None  # the decoder's own side: 768 for SD 2.1 unCLIP
+
+
+def test_the_decoder_draws_at_its_own_size_unless_told(decoder: UnclipDecoder, embeds: torch.Tensor) -> None:
+    # The tiny UNet is 8 latents wide and the VAE scales by 8: a 64 px decoder (the real one: 96 x 8 = 768).
+    assert decoder.native_size == 64
+    [image] = decoder.decode(embeds[:1], steps=1, seed=0)
+    assert image.size == (64, 64)
+    with pytest.raises(UsageError, match="own size is 64"):
+        decoder.decode(embeds[:1], steps=1, size=72)
 
 
 def test_library_logging_is_restored_after_decode(decoder: UnclipDecoder, embeds: torch.Tensor) -> None:

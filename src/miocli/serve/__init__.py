@@ -5,7 +5,8 @@
 `openai/` the OpenAI-compatible subset, `playground/` the page's files.
 `wire` is the JSON form of inputs and results that crosses a process (these routes, `client` for
 `--server`, Ray's rows). The package imports no web framework itself: `client` and `wire` stay light.
-Of the engines it knows only the seam's `Cancelled`, which ends a batch whose clients all left.
+Of the engines it knows only the seam's `Cancelled`, which ends a batch whose clients all left; of the
+CLI's writers only the transcript formats (srt, vtt) that /v1/audio/transcriptions answers in.
 
-May import: miocli, core, engines, model, protocol, errors.
+May import: miocli, output, core, engines, model, protocol, errors.
 """
