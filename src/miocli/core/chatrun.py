@@ -1,0 +1,147 @@
+"""One answer in a conversation: its media encoded once, the prompt fitted to the context, the answer's
+images and speech decoded (what `Mio.chat` does; the conversation model is `conversation`)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from miocli.core import mediatokens
+from miocli.core.conversation import AUDIO, VIDEO, Turn, filled
+from miocli.core.inputs import Item
+from miocli.core.prompts import Prompt
+from miocli.core.results import Audio, Result
+from miocli.core.tasks import TASKS
+from miocli.errors import InputError, MioError, UsageError
+from miocli.protocol import PromptText
+
+log = logging.getLogger("miocli")
+
+_ASK = {AUDIO: "ask-audio", VIDEO: "ask-video"}
+
+
+def encode(mio: Any, turns: Sequence[Turn], frames: Any = None) -> None:
+    """Give every media part not encoded yet its token strings (the same codec calls as `mio ask`)."""
+    from miocli.core.generation import GenerationOptions
+    from miocli.core.steps import Run, StreamSettings
+    from miocli.media.video import FrameOptions
+
+    run = Run(mio, "chat", StreamSettings(GenerationOptions(), frames=frames or FrameOptions()))
+    waiting: list[tuple[Any, list[Any]]] = []
+    for n, turn in enumerate(turns):
+        for part in turn.media:
+            if part.tokens is not None:
+                continue
+            assert part.media is not None
+            try:
+                run.require(TASKS[_ASK.get(part.kind, "ask-image")])
+                loaded = run.load(Item(part.media.name, media=[part.media]))
+                if part.kind == AUDIO:
+                    part.tokens = [run.speech_string(wave, False) for wave in loaded]
+                else:
+                    waiting.append((part, loaded))
+            except InputError as exc:
+                raise InputError(f"message {n}: {exc.message}", exc.hint, source=exc.source or part.media.name) \
+                    from None
+    strings = run.image_strings([image for _, images in waiting for image in images])
+    for part, images in waiting:
+        part.tokens, strings = strings[: len(images)], strings[len(images):]
+
+
+@dataclass
+class Fitted:
+    prompt: PromptText
+    turns: list[Turn]
+    dropped: int
+
+
+def fit(mio: Any, turns: Sequence[Turn], mode: str, add_generation_prompt: bool, max_new_tokens: int,
+        max_history: int | None) -> Fitted:
+    """The prompt of the conversation, within the context with room for an answer.
+
+    Room is the answer's max_new_tokens, or a quarter of the context when that is less. Past the context
+    the conversation is refused (UsageError naming the turn and the tokens), unless `max_history` is
+    given: then the oldest turns (never a system turn, never the last) are dropped until it fits, and
+    at most `max_history` turns are kept before the last.
+    """
+    kept = list(turns)
+    dropped = 0
+
+    def droppable() -> list[int]:
+        return [i for i, t in enumerate(kept[:-1]) if t.role != "system"]
+
+    if max_history is not None:
+        if max_history < 0:
+            raise UsageError("--max-history must be 0 or more")
+        while len(droppable()) > max_history:
+            del kept[droppable()[0]]
+            dropped += 1
+    context = mio.engine.context_length()
+    while True:
+        text = filled(kept, mode, add_generation_prompt)
+        if context is None:
+            return Fitted(text, kept, dropped)
+        room = min(max_new_tokens, context // 4)
+        length = _length(mio, text)
+        if length + room <= context:
+            if dropped:
+                log.info(f"mio: dropped the {dropped} oldest turn(s) to stay within the context")
+            return Fitted(text, kept, dropped)
+        if max_history is None or not droppable():
+            raise _too_long(mio, kept, mode, length, context, room, max_history is not None)
+        del kept[droppable()[0]]
+        dropped += 1
+
+
+def _length(mio: Any, text: PromptText) -> int:
+    return len(mio.engine.encode([Prompt(text)])[0])
+
+
+def _too_long(mio: Any, turns: list[Turn], mode: str, length: int, context: int, room: int,
+              trimming: bool) -> UsageError:
+    limit = context - room
+    at = len(turns) - 1
+    for k in range(1, len(turns) + 1):
+        try:
+            if _length(mio, filled(turns[:k], mode, False)) > limit:
+                at = k - 1
+                break
+        except UsageError:
+            continue  # a custom conversation's prefix without its system turn: keep counting
+    hint = "the last turn alone is too long: shorten it" if trimming else \
+        "start a new conversation (/reset in -i), or pass --max-history N to drop the oldest turns"
+    return UsageError(f"the conversation passes the context at message {at} ({turns[at].role}): {length} tokens, "
+                      f"and the model's context of {context} must keep {room} for the answer", hint=hint)
+
+
+def decode_media(mio: Any, result: Result, pixel: Any, on_image: Callable[[int], None] | None = None) -> None:
+    """The answer's image and speech segments as pictures and recordings (a spoken answer's audio is
+    already decoded by its task)."""
+    if result.image_ids and not result.images:
+        for k, ids in enumerate(result.image_ids):
+            result.images.extend(mediatokens.images_from_ids(mio.runtime, [ids], pixel))
+            if on_image is not None:
+                on_image(k)
+    if result.speech_codes and not result.audio:
+        result.audio = [Audio(mediatokens.speech_from_codes(mio.runtime, codes)) for codes in result.speech_codes]
+
+
+def answer(mio: Any, turns: list[Turn], mode: str, *, add_generation_prompt: bool, options: Any, pixel: Any,
+           frames: Any, max_history: int | None, on_tokens: Callable[[int, list[int]], None] | None,
+           settings: dict[str, Any]) -> tuple[Result, Fitted]:
+    """Encode, fit, generate and decode: the answer to the conversation's last turn."""
+    encode(mio, turns, frames)
+    task = TASKS["speak" if mode == "voice" else "chat"]
+    max_new = mio.engine.settings_for(task, options.overrides()).max_new_tokens
+    fitted = fit(mio, turns, mode, add_generation_prompt, max_new, max_history)
+    last = next((t for t in reversed(fitted.turns) if t.role == "user"), None)
+    item = Item(last.text if last is not None else "", {"mode": mode}, prompt=fitted.prompt)
+    [result] = list(mio.stream("chat", [item], options=options, on_tokens=on_tokens, **settings))
+    if result.error is None:
+        try:
+            decode_media(mio, result, pixel)
+        except MioError as exc:
+            result.problems.append(f"could not decode the answer's media: {exc.message}")
+    return result, fitted
