@@ -11,6 +11,9 @@ import typer
 
 from miocli.cli.options import (
     Common,
+    GuidanceOpt,
+    SizeOpt,
+    StepsOpt,
     emit_json,
     err,
     with_options,
@@ -50,6 +53,7 @@ def chat(
                                                        "assistant turn at the end.")] = False,
     interactive: Annotated[bool, typer.Option("--interactive", "-i", help="Keep asking; history is kept. "
                                               "Commands: /attach PATH, /save FILE, /reset.")] = False,
+    steps: StepsOpt = 20, guidance: GuidanceOpt = 10.0, size: SizeOpt = 768,
     *, opts: Common,
 ) -> int:
     """Chat with the Instruct model: one question, a whole conversation, or an interactive session;
@@ -75,9 +79,12 @@ def chat(
         print_prompt(local, prompt.text, opts.as_json, image_strings=prompt.image_strings,
                      speech_strings=prompt.speech_strings)
         return 0
+    from miocli.core.mediatokens import PixelOptions
     from miocli.output.chatfiles import AnswerFiles
 
-    session = _Session(opts.make_mio(), mode, system, options, opts.as_json, AnswerFiles(output_dir), max_history)
+    PixelOptions(steps, guidance, size)  # checked before anything loads
+    session = _Session(opts.make_mio(), mode, system, options, opts.as_json, AnswerFiles(output_dir), max_history,
+                       {"steps": steps, "guidance": guidance, "size": size})
     if interactive:
         return session.interactive(conversation)
     session.history = conversation
@@ -180,8 +187,8 @@ class _Session:
     """One conversation: its turns (media tokens kept), where media answers go, how answers are shown."""
 
     def __init__(self, mio: Any, mode: str, system: str | None, options: Any, as_json: bool, files: Any,
-                 max_history: int | None) -> None:
-        self.mio, self.mode, self.system, self.options = mio, mode, system, options
+                 max_history: int | None, pixels: dict[str, Any]) -> None:
+        self.mio, self.mode, self.system, self.options, self.pixels = mio, mode, system, options, pixels
         self.as_json, self.files, self.max_history = as_json, files, max_history
         self.history: list[Any] = []
         self.answers = 0
@@ -194,7 +201,8 @@ class _Session:
 
         reply = self.mio.chat(self._sent(), mode=self.mode, system=self.system,
                               add_generation_prompt=add_generation_prompt, options=self.options,
-                              on_text=self.shown.piece if self.shown.live else None, max_history=self.max_history)
+                              on_text=self.shown.piece if self.shown.live else None, max_history=self.max_history,
+                              **self.pixels)
         report_problems("answer", reply.problems)
         self.answers += 1
         written = self.files.write(self.answers, reply) if reply.images or reply.audio else {}

@@ -31,10 +31,12 @@ def encode(mio: Any, turns: Sequence[Turn], frames: Any = None) -> None:
     run = Run(mio, "chat", StreamSettings(GenerationOptions(), frames=frames or FrameOptions()))
     waiting: list[tuple[Any, list[Any]]] = []
     for n, turn in enumerate(turns):
-        for part in turn.media:
+        # mio's own answers are in the prompt as generated (`Turn.raw`): their parts are only files.
+        for part in turn.media if turn.raw is None else []:
             if part.tokens is not None:
                 continue
-            assert part.media is not None
+            if part.media is None:
+                raise UsageError(f"message {n}: a {part.kind} part without its media")
             try:
                 run.require(TASKS[_ASK.get(part.kind, "ask-image")])
                 loaded = run.load(Item(part.media.name, media=[part.media]))
@@ -87,7 +89,7 @@ def fit(mio: Any, turns: Sequence[Turn], mode: str, add_generation_prompt: bool,
         length = _length(mio, text)
         if length + room <= context:
             if dropped:
-                log.info(f"mio: dropped the {dropped} oldest turn(s) to stay within the context")
+                log.info(f"dropped the {dropped} oldest turn(s) to stay within the context")
             return Fitted(text, kept, dropped)
         if max_history is None or not droppable():
             raise _too_long(mio, kept, mode, length, context, room, max_history is not None)

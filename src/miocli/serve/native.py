@@ -79,6 +79,11 @@ def _chat_item(mio: Any, data: dict[str, Any]) -> Item:
     turns = [{"role": m.get("role"), "content": PromptText.trusted(m["content"])}
              if isinstance(m, dict) and m.get("trusted") is True and isinstance(m.get("content"), str)
              else {k: v for k, v in m.items() if k != "trusted"} if isinstance(m, dict) else m for m in messages]
+    for n, turn in enumerate(turns):
+        # The conversation model reads paths in parts: a client must never make the server open its files.
+        if isinstance(turn, dict) and not isinstance(turn.get("content"), str):
+            raise UsageError(f"message {n}: contents are text here", hint="send images and audio to "
+                             "/v1/chat/completions as data URLs")
     prompt = mio.chat_prompt(turns, mode=mode, system=system,
                              add_generation_prompt=data.get("add_generation_prompt", True) is not False)
     return Item(str(data.get("name", "")), {"mode": mode}, prompt=prompt)
