@@ -221,3 +221,39 @@ def test_past_the_context_is_refused_naming_the_turn_or_trimmed(tiny_model, tmp_
                       "--beams", "1", "--max-history", "10")
     assert trimmed.returncode == 0, trimmed.stderr
     assert "mio: dropped the 1 oldest turn(s) to stay within the context" in trimmed.stderr
+
+
+# ---- the same conversation through the server ---------------------------------------------------------------
+def test_server_and_openai_give_the_same_answer_as_in_process(chain_model, media, tmp_path):
+    import base64
+
+    from mio_testing import Server
+
+    local = invoke("chat", "-a", str(media["photo"]), "what is this?", "--model", str(chain_model), "--json",
+                   "-o", str(tmp_path / "local"), *FAST)
+    server = Server(chain_model)
+    try:
+        remote = run_mio("chat", "--server", server.url, "-a", str(media["photo"]), "what is this?", "--json",
+                         "-o", str(tmp_path / "remote"), *FAST)
+        photo = base64.b64encode(media["photo"].read_bytes()).decode()
+        status, body = server.post("/v1/chat/completions", {
+            "model": "mio", "max_tokens": 64, "beams": 1, "steps": 1, "size": 64, "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "what is this?"},
+                                             {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,"
+                                                                                        f"{photo}"}}]},
+                {"role": "assistant", "content": "a red square"},
+                {"role": "user", "content": [{"type": "input_audio", "input_audio": {
+                    "data": base64.b64encode(media["talk"].read_bytes()).decode(), "format": "wav"}}]}]})
+        refused, _ = server.post("/v1/run/chat", {"inputs": [{"messages": [{"role": "user", "content": [
+            {"type": "image", "path": str(media["photo"])}]}]}]})
+    finally:
+        log = server.stop()
+    assert remote.returncode == 0, remote.stderr + log
+    mine, theirs = json.loads(local.stdout), json.loads(remote.stdout)
+    assert mine["text"] == theirs["text"] == "<image_placeholder_0> <speech_placeholder_0>"
+    assert [Path(p).name for p in theirs["files"]] == ["turn-1-1.png", "turn-1-1.wav"]
+    assert status == 200, body
+    message = json.loads(body)["choices"][0]["message"]
+    assert message["content"].startswith("[image 1]")
+    assert message["images"][0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert refused == 400  # a client cannot make the server open its files

@@ -196,10 +196,10 @@ class _Session:
 
     def answer(self, add_generation_prompt: bool = True) -> None:
         """Answer the history's last turn, show it, and keep it in the history."""
-        from miocli.core.conversation import Turn, answer_parts
+        from miocli.core.conversation import answer_turn
         from miocli.output.chatfiles import shown_text
 
-        reply = self.mio.chat(self._sent(), mode=self.mode, system=self.system,
+        reply = self.mio.chat(self.history, mode=self.mode, system=self.system,
                               add_generation_prompt=add_generation_prompt, options=self.options,
                               on_text=self.shown.piece if self.shown.live else None, max_history=self.max_history,
                               **self.pixels)
@@ -209,7 +209,7 @@ class _Session:
         files = [path for paths in written.values() for path in paths]
         # History keeps the raw answer so media the model produced stays in context: mio wrote those
         # token strings, so they stay tokens, while everything the user gave is plain text or codec output.
-        self.history.append(Turn("assistant", answer_parts(reply.text, written), raw=reply.raw.strip()))
+        self.history.append(answer_turn(reply, written))
         if self.max_history is not None:
             self._trim(self.max_history)
         if self.as_json:
@@ -218,17 +218,6 @@ class _Session:
                        "files": files})
         else:
             self.shown.done(shown_text(reply.text, written), files)
-
-    def _sent(self) -> list[Any]:
-        if hasattr(self.mio, "conversation"):
-            return self.history
-        # --server: the conversation as messages, mio's own answers marked as such.
-        from miocli.protocol import PromptText
-
-        if any(t.media for t in self.history if t.raw is None):
-            raise UsageError("attachments need the model in this process for now", hint="drop --server")
-        return [{"role": t.role, "content": PromptText.trusted(t.raw) if t.raw is not None else t.text}
-                for t in self.history]
 
     def _trim(self, most: int) -> None:
         """At most `most` turns before the next question: memory stays bounded however long the session."""

@@ -262,7 +262,7 @@ class Mio:
 
         self._require_instruct("chat")
         turns = self.conversation(messages, mode=mode, system=system)
-        options, pixel, frames = _settings(options, dict(settings))
+        options, _, frames = _settings(options, dict(settings))
         deltas = TextDeltas(self.runtime.tokenizer.decode) if on_text is not None else None
 
         def watch(_index: int, ids: list[int]) -> None:
@@ -270,7 +270,7 @@ class Mio:
                 on_text(piece)
 
         result, _ = chatrun.answer(self, turns, mode, add_generation_prompt=add_generation_prompt, options=options,
-                                   pixel=pixel, frames=frames, max_history=max_history,
+                                   frames=frames, max_history=max_history,
                                    on_tokens=watch if deltas is not None else None,
                                    settings={k: v for k, v in settings.items() if k not in _OPTION_NAMES})
         if deltas is not None and on_text is not None and result.error is None and (rest := deltas.finish(result.text)):
@@ -278,16 +278,16 @@ class Mio:
         return result.raise_for_error()
 
     def conversation(self, messages: Any, *, mode: str = "std", system: str | None = None,
-                     base: Any = None) -> list[Any]:
+                     base: Any = None, files: bool = True) -> list[Any]:
         """The conversation as `conversation.Turn`s (Turns given stay the same objects, their tokens kept);
-        relative paths in it are read from the folder `base`."""
+        relative paths in it are read from the folder `base`; without `files` no part may name a file."""
         from miocli.core.conversation import Part, Turn, parse_messages
 
         if mode not in protocol.MODES:
             raise UsageError(f"unknown mode {mode!r}", hint="use std, voice or custom")
         if isinstance(messages, str) and not messages.strip():
             raise UsageError("the question is empty", hint="give the text to ask, or --messages FILE")
-        turns = parse_messages(messages, base)
+        turns = parse_messages(messages, base, files=files)
         if system is not None:
             if mode != "custom":
                 raise UsageError("--system needs --mode custom")

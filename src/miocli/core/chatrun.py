@@ -1,5 +1,6 @@
-"""One answer in a conversation: its media encoded once, the prompt fitted to the context, the answer's
-images and speech decoded (what `Mio.chat` does; the conversation model is `conversation`)."""
+"""One answer in a conversation: its media encoded once and the prompt fitted to the context (what `Mio.chat`
+and a batch's conversation items do; the conversation model is `conversation`, the answer's pictures and
+speech are decoded by the stream)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from miocli.core import mediatokens
 from miocli.core.conversation import AUDIO, VIDEO, Turn, filled
 from miocli.core.inputs import Item
 from miocli.core.prompts import Prompt
-from miocli.core.results import Audio, Result
+from miocli.core.results import Result
 from miocli.core.tasks import TASKS
-from miocli.errors import InputError, MioError, UsageError
+from miocli.errors import InputError, UsageError
 from miocli.protocol import PromptText
 
 log = logging.getLogger("miocli")
@@ -118,20 +118,8 @@ def _too_long(mio: Any, turns: list[Turn], mode: str, length: int, context: int,
                       f"and the model's context of {context} must keep {room} for the answer", hint=hint)
 
 
-def decode_media(mio: Any, result: Result, pixel: Any, on_image: Callable[[int], None] | None = None) -> None:
-    """The answer's image and speech segments as pictures and recordings (a spoken answer's audio is
-    already decoded by its task)."""
-    if result.image_ids and not result.images:
-        for k, ids in enumerate(result.image_ids):
-            result.images.extend(mediatokens.images_from_ids(mio.runtime, [ids], pixel))
-            if on_image is not None:
-                on_image(k)
-    if result.speech_codes and not result.audio:
-        result.audio = [Audio(mediatokens.speech_from_codes(mio.runtime, codes)) for codes in result.speech_codes]
-
-
-def answer(mio: Any, turns: list[Turn], mode: str, *, add_generation_prompt: bool, options: Any, pixel: Any,
-           frames: Any, max_history: int | None, on_tokens: Callable[[int, list[int]], None] | None,
+def answer(mio: Any, turns: list[Turn], mode: str, *, add_generation_prompt: bool, options: Any, frames: Any,
+           max_history: int | None, on_tokens: Callable[[int, list[int]], None] | None,
            settings: dict[str, Any]) -> tuple[Result, Fitted]:
     """Encode, fit, generate and decode: the answer to the conversation's last turn."""
     encode(mio, turns, frames)
@@ -140,10 +128,6 @@ def answer(mio: Any, turns: list[Turn], mode: str, *, add_generation_prompt: boo
     fitted = fit(mio, turns, mode, add_generation_prompt, max_new, max_history)
     last = next((t for t in reversed(fitted.turns) if t.role == "user"), None)
     item = Item(last.text if last is not None else "", {"mode": mode}, prompt=fitted.prompt)
+    # The stream decodes the answer's pictures and speech (steps.Run.results).
     [result] = list(mio.stream("chat", [item], options=options, on_tokens=on_tokens, **settings))
-    if result.error is None:
-        try:
-            decode_media(mio, result, pixel)
-        except MioError as exc:
-            result.problems.append(f"could not decode the answer's media: {exc.message}")
     return result, fitted

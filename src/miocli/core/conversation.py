@@ -138,11 +138,20 @@ def answer_parts(text: str, files: dict[str, list[str]]) -> list[Part]:
     return parts
 
 
+def answer_turn(result: Any, files: dict[str, list[str]] | None = None) -> Turn:
+    """mio's answer as the conversation's next turn: in the prompt exactly as generated (its pictures and
+    speech stay tokens), its parts naming the files they were written to (`files` by kind)."""
+    return Turn("assistant", answer_parts(result.text, files or {}), raw=result.raw.strip())
+
+
 _ANSWER_MEDIA = re.compile(r"<(image|speech)_placeholder_(\d+)>")
 
 
-def parse_messages(messages: Any, base: Path | None = None) -> list[Turn]:
-    """Turns from `[{role, content}, …]` (Turns pass through); relative paths are read from `base`."""
+def parse_messages(messages: Any, base: Path | None = None, *, files: bool = True) -> list[Turn]:
+    """Turns from `[{role, content}, …]` (Turns pass through); relative paths are read from `base`.
+
+    Without `files` (a server reading a client's messages) a part naming a path or a URL is refused:
+    media come as their bytes (`{"type": "image", "data": base64}`, data URLs, input_audio)."""
     if isinstance(messages, str):
         return [Turn("user", [Part(TEXT, text=messages)])]
     turns: list[Turn] = []
@@ -160,11 +169,15 @@ def parse_messages(messages: Any, base: Path | None = None) -> list[Turn]:
             # mio's own earlier answer (an interactive session's history): its token strings are tokens.
             turns.append(Turn(role, [Part(TEXT, text=str(content))], raw=str(content)))
             continue
-        parts = parse_content(content, f"message {n}", base)
+        parts = parse_content(content, f"message {n}", base if files else _NO_FILES)
         if role == "system" and any(p.kind != TEXT for p in parts):
             raise UsageError(f"message {n}: a system message holds text only")
         turns.append(Turn(role, parts))
     return turns
+
+
+# The `base` of a server's parsing: no path is read.
+_NO_FILES = Path("\0no files")
 
 
 def parse_content(content: Any, where: str, base: Path | None = None) -> list[Part]:
@@ -201,6 +214,12 @@ def _part(item: Any, where: str, base: Path | None) -> Part:
         if not isinstance(data, str):
             raise UsageError(f"{where}: an input_audio part needs base64 \"data\"")
         return Part(AUDIO, media=Media(AUDIO, f"{where} audio", data=_b64(data, where)))
+    if kind in _KINDS and isinstance(item.get("data"), str):
+        data = _b64(item["data"], where)
+        found = sniff_kind(data[:16])
+        if found != _KINDS[kind]:
+            raise InputError(f"{where}: the data is {found or 'not media'}, not {_KINDS[kind]}", source=where)
+        return Part(found, media=Media(found, f"{where} {found}", data=data))
     if kind in _KINDS:
         source = item.get("path", item.get(kind))
         if isinstance(source, str):
@@ -216,6 +235,8 @@ def _part(item: Any, where: str, base: Path | None) -> Part:
 
 
 def _media_part(value: Any, where: str, base: Path | None) -> Part:
+    if base == _NO_FILES and not isinstance(value, (bytes, bytearray, memoryview)):
+        raise UsageError(f"{where}: a {type(value).__name__} is not a message part here")
     if isinstance(value, Path):
         media = _path_media(str(value), where, base)
         return Part(media.kind, media=media, path=str(media.path))
@@ -232,6 +253,8 @@ def _media_part(value: Any, where: str, base: Path | None) -> Part:
 
 
 def _path_media(source: str, where: str, base: Path | None) -> Media:
+    if base == _NO_FILES:
+        raise UsageError(f"{where}: the server reads no files", hint="send the media's bytes as base64 \"data\"")
     path = Path(source).expanduser()
     if base is not None and not path.is_absolute():
         path = base / path
@@ -306,3 +329,44 @@ def filled(turns: Sequence[Turn], mode: str, add_generation_prompt: bool = True)
     text, images, speeches = prompt_text(turns, mode, add_generation_prompt)
     result = protocol.fill_placeholders(text, images, speeches)
     return result if isinstance(result, PromptText) else PromptText.trusted(result)
+
+
+def to_wire(turns: Sequence[Turn]) -> list[dict[str, Any]]:
+    """The turns as JSON messages a server takes: media as base64 data, mio's own answers marked `trusted`."""
+    messages: list[dict[str, Any]] = []
+    for turn in turns:
+        if turn.raw is not None:
+            messages.append({"role": turn.role, "content": turn.raw, "trusted": True})
+            continue
+        if all(part.kind == TEXT for part in turn.parts):
+            messages.append({"role": turn.role, "content": turn.text})
+            continue
+        content: list[dict[str, Any]] = []
+        for part in turn.parts:
+            if part.kind == TEXT:
+                content.append({"type": "text", "text": part.text})
+            elif part.media is not None:
+                content.append({"type": part.kind, "data": base64.b64encode(_bytes(part.media)).decode("ascii")})
+        messages.append({"role": turn.role, "content": content})
+    return messages
+
+
+def _bytes(media: Media) -> bytes:
+    """A media input's file bytes (a PIL image as PNG, samples as WAV)."""
+    import io
+
+    if media.data is not None:
+        return media.data
+    if media.path is not None:
+        try:
+            return media.path.read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read {media.path}: {exc.strerror}", source=media.name) from None
+    buffer = io.BytesIO()
+    if media.image is not None:
+        media.image.save(buffer, format="PNG")
+        return buffer.getvalue()
+    from miocli.core.results import Audio
+    from miocli.media.audio import audio_from_array
+
+    return Audio(audio_from_array(media.samples, media.rate, media.name)).to_bytes("wav")
