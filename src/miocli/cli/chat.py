@@ -232,6 +232,8 @@ class _Session:
         self.history = list(history)
         worst = 0
         waiting: list[Any] = []
+        if self.history and self.history[-1].role == "user" and not self.history[-1].text:
+            waiting = self.history.pop().parts  # `-i -a FILE` without a question: for the first message
         if self.history and self.history[-1].role == "user":
             worst = self._guarded(self.answer)
         while True:
@@ -242,11 +244,12 @@ class _Session:
             if text.startswith("/"):
                 worst = max(worst, self._guarded(lambda line=text: self._command(line, waiting)))
                 continue
+            before = len(self.history)
             self.history.append(Turn("user", [Part("text", text=text), *waiting]))
             waiting.clear()
             code = self._guarded(self.answer)
             if code:
-                self.history.pop()  # the turn that failed is not part of the conversation
+                del self.history[before:]  # the turn that failed is not part of the conversation
             worst = max(worst, code)
 
     @staticmethod

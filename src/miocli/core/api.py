@@ -259,10 +259,12 @@ class Mio:
         """
         from miocli.core import chatrun
         from miocli.core.deltas import TextDeltas
+        from miocli.core.steps import encode_conversation
 
         self._require_instruct("chat")
         turns = self.conversation(messages, mode=mode, system=system)
         options, _, frames = _settings(options, dict(settings))
+        encode_conversation(self, turns, frames)
         deltas = TextDeltas(self.runtime.tokenizer.decode) if on_text is not None else None
 
         def watch(_index: int, ids: list[int]) -> None:
@@ -270,7 +272,7 @@ class Mio:
                 on_text(piece)
 
         result, _ = chatrun.answer(self, turns, mode, add_generation_prompt=add_generation_prompt, options=options,
-                                   frames=frames, max_history=max_history,
+                                   max_history=max_history,
                                    on_tokens=watch if deltas is not None else None,
                                    settings={k: v for k, v in settings.items() if k not in _OPTION_NAMES})
         if deltas is not None and on_text is not None and result.error is None and (rest := deltas.finish(result.text)):
@@ -319,12 +321,12 @@ class Mio:
                             add_generation_prompt: bool = True, **settings: Any) -> Prompt:
         """The conversation's prompt, placeholders kept, with the token strings of its media (encoded here,
         no LLM loaded)."""
-        from miocli.core import chatrun, conversation
+        from miocli.core import conversation
+        from miocli.core.steps import encode_conversation
 
         turns = self.conversation(messages, mode=mode, system=system)
         _, _, frames = _settings(None, dict(settings))
-        if any(t.media for t in turns):
-            chatrun.encode(self, turns, frames)
+        encode_conversation(self, turns, frames)
         text, images, speeches = conversation.prompt_text(turns, mode, add_generation_prompt)
         return Prompt(text, images, speeches)
 

@@ -1,6 +1,6 @@
-"""One answer in a conversation: its media encoded once and the prompt fitted to the context (what `Mio.chat`
-and a batch's conversation items do; the conversation model is `conversation`, the answer's pictures and
-speech are decoded by the stream)."""
+"""One answer in a conversation: the prompt fitted to the context, then generated (what `Mio.chat` and a
+batch's conversation items do). The conversation model is `conversation`; media are encoded once by
+`steps.encode_conversation`; the answer's pictures and speech are decoded by the stream."""
 
 from __future__ import annotations
 
@@ -9,48 +9,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from miocli.core.conversation import AUDIO, VIDEO, Turn, filled
+from miocli.core.conversation import Turn, filled
 from miocli.core.inputs import Item
 from miocli.core.prompts import Prompt
 from miocli.core.results import Result
 from miocli.core.tasks import TASKS
-from miocli.errors import InputError, UsageError
+from miocli.errors import UsageError
 from miocli.protocol import PromptText
 
 log = logging.getLogger("miocli")
-
-_ASK = {AUDIO: "ask-audio", VIDEO: "ask-video"}
-
-
-def encode(mio: Any, turns: Sequence[Turn], frames: Any = None) -> None:
-    """Give every media part not encoded yet its token strings (the same codec calls as `mio ask`)."""
-    from miocli.core.generation import GenerationOptions
-    from miocli.core.steps import Run, StreamSettings
-    from miocli.media.video import FrameOptions
-
-    run = Run(mio, "chat", StreamSettings(GenerationOptions(), frames=frames or FrameOptions()))
-    waiting: list[tuple[Any, list[Any]]] = []
-    for n, turn in enumerate(turns):
-        # mio's own answers are in the prompt as generated (`Turn.raw`): their parts are only files.
-        for part in turn.media if turn.raw is None else []:
-            if part.tokens is not None:
-                continue
-            if part.media is None:
-                raise UsageError(f"message {n}: a {part.kind} part without its media")
-            try:
-                run.require(TASKS[_ASK.get(part.kind, "ask-image")])
-                loaded = run.load(Item(part.media.name, media=[part.media]))
-                if part.kind == AUDIO:
-                    part.tokens = [run.speech_string(wave, False) for wave in loaded]
-                else:
-                    waiting.append((part, loaded))
-            except InputError as exc:
-                raise InputError(f"message {n}: {exc.message}", exc.hint, source=exc.source or part.media.name) \
-                    from None
-    strings = run.image_strings([image for _, images in waiting for image in images])
-    for part, images in waiting:
-        part.tokens, strings = strings[: len(images)], strings[len(images):]
-
 
 @dataclass
 class Fitted:
@@ -118,11 +85,11 @@ def _too_long(mio: Any, turns: list[Turn], mode: str, length: int, context: int,
                       f"and the model's context of {context} must keep {room} for the answer", hint=hint)
 
 
-def answer(mio: Any, turns: list[Turn], mode: str, *, add_generation_prompt: bool, options: Any, frames: Any,
+def answer(mio: Any, turns: list[Turn], mode: str, *, add_generation_prompt: bool, options: Any,
            max_history: int | None, on_tokens: Callable[[int, list[int]], None] | None,
            settings: dict[str, Any]) -> tuple[Result, Fitted]:
-    """Encode, fit, generate and decode: the answer to the conversation's last turn."""
-    encode(mio, turns, frames)
+    """Fit, generate and decode: the answer to the conversation's last turn (its media encoded:
+    `steps.encode_conversation`)."""
     task = TASKS["speak" if mode == "voice" else "chat"]
     max_new = mio.engine.settings_for(task, options.overrides()).max_new_tokens
     fitted = fit(mio, turns, mode, add_generation_prompt, max_new, max_history)

@@ -199,12 +199,37 @@ class Run:
             pending.prompts.append(self.prompt(task, item, [], []))
         return pending
 
+    def encode_turns(self, turns: Sequence[Any]) -> None:
+        """Give every media part of a conversation not encoded yet its token strings (`mio ask`'s codec calls)."""
+        waiting: list[tuple[Any, list[Any]]] = []
+        ask = {AUDIO: "ask-audio", VIDEO: "ask-video"}
+        for n, turn in enumerate(turns):
+            # mio's own answers are in the prompt as generated (`Turn.raw`): their parts are only files.
+            for part in turn.media if turn.raw is None else []:
+                if part.tokens is not None:
+                    continue
+                if part.media is None:
+                    raise UsageError(f"message {n}: a {part.kind} part without its media")
+                try:
+                    self.require(TASKS[ask.get(part.kind, "ask-image")])
+                    loaded = self.load(Item(part.media.name, media=[part.media]))
+                    if part.kind == AUDIO:
+                        part.tokens = [self.speech_string(wave, False) for wave in loaded]
+                    else:
+                        waiting.append((part, loaded))
+                except InputError as exc:
+                    raise InputError(f"message {n}: {exc.message}", exc.hint,
+                                     source=exc.source or part.media.name) from None
+        strings = self.image_strings([image for _, images in waiting for image in images])
+        for part, images in waiting:
+            part.tokens, strings = strings[: len(images)], strings[len(images):]
+
     def conversation_item(self, task: Task, item: Item) -> Item:
         """A conversation's media encoded and its prompt fitted to the context; past it, this input's error."""
         from miocli.core import chatrun
 
         try:
-            chatrun.encode(self.mio, item.turns or [], self.settings.frames)
+            self.encode_turns(item.turns or [])
             fitted = chatrun.fit(self.mio, item.turns or [], item.fields.get("mode", "std"),
                                  item.fields.get("add_generation_prompt") != "false",
                                  self.mio.engine.settings_for(task, self.options.overrides()).max_new_tokens, None)
@@ -334,6 +359,13 @@ class Run:
                 result.audio = self.audio(result.speech_codes)
         except MioError as exc:
             result.problems.append(f"could not decode the answer's media: {exc.message}")
+
+
+def encode_conversation(mio: Any, turns: Sequence[Any], frames: FrameOptions | None = None) -> None:
+    """`Run.encode_turns` outside a run (Mio.chat, Mio.conversation_prompt)."""
+    from miocli.core.generation import GenerationOptions
+
+    Run(mio, "chat", StreamSettings(GenerationOptions(), frames=frames or FrameOptions())).encode_turns(turns)
 
 
 def joined_result(task: str, name: str, index: int, replies: list[Generated]) -> Result:
