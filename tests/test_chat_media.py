@@ -257,3 +257,39 @@ def test_server_and_openai_give_the_same_answer_as_in_process(chain_model, media
     assert message["content"].startswith("[image 1]")
     assert message["images"][0]["image_url"]["url"].startswith("data:image/png;base64,")
     assert refused == 400  # a client cannot make the server open its files
+
+
+def test_one_conversation_gives_the_same_tokens_in_process_on_the_server_and_through_openai(tiny_model, media,
+                                                                                            tmp_path):
+    import base64
+
+    import openai
+
+    from mio_testing import Server
+    from miocli import Mio
+
+    settings = {"max_new_tokens": 6, "beams": 1}
+    turns = [{"role": "user", "content": ["what is this?", {"type": "image", "path": str(media["photo"])}]},
+             {"role": "assistant", "content": "a red square"},
+             {"role": "user", "content": [{"type": "audio", "path": str(media["talk"])}, "and this?"]}]
+    local = Mio(str(tiny_model), device="cpu").chat(turns, **settings)
+    path = tmp_path / "turns.json"
+    path.write_text(json.dumps(turns))
+    photo, talk = (base64.b64encode(media[k].read_bytes()).decode() for k in ("photo", "talk"))
+    server = Server(tiny_model)
+    try:
+        remote = run_mio("chat", "--server", server.url, "--messages", str(path), "--json", "--max-new-tokens", "6",
+                         "--beams", "1")
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        completion = client.chat.completions.create(model="mio", max_tokens=6, extra_body={"beams": 1}, messages=[
+            {"role": "user", "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,{photo}"}}]},
+            {"role": "assistant", "content": "a red square"},
+            {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": talk, "format": "wav"}},
+                                         {"type": "text", "text": "and this?"}]}])
+    finally:
+        log = server.stop()
+    assert remote.returncode == 0, remote.stderr + log
+    assert json.loads(remote.stdout)["text"] == local.text == completion.choices[0].message.content
+    assert completion.usage.completion_tokens == len(local.token_ids)
