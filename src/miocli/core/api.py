@@ -249,8 +249,9 @@ class Mio:
         """Answer a question or continue a conversation (Instruct model).
 
         `messages`: a question, or `[{"role", "content"}, …]` whose contents are text or parts in order:
-        text (a str is always text), `Path`s, PIL images, `(samples, rate)`, file bytes, OpenAI parts (`image_url`, `input_audio`)
-        or `{"type": "image" | "audio" | "video", "path": …}` (miocli.core.conversation). Pass
+        text (a str is always text), `Path`s, PIL images, `(samples, rate)`, file bytes, OpenAI parts
+        (`image_url`, `input_audio`) or `{"type": "image" | "audio" | "video", "path": …}`
+        (miocli.core.conversation). Pass
         `conversation.Turn`s to keep each turn's media tokens from one call to the next. The result's
         `text` has a placeholder where the answer holds a picture or speech, decoded in `.images` and
         `.audio`. `on_text` gets the answer's text in pieces as it is generated (with one beam); the
