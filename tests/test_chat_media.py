@@ -293,3 +293,13 @@ def test_one_conversation_gives_the_same_tokens_in_process_on_the_server_and_thr
     assert remote.returncode == 0, remote.stderr + log
     assert json.loads(remote.stdout)["text"] == local.text == completion.choices[0].message.content
     assert completion.usage.completion_tokens == len(local.token_ids)
+
+
+def test_a_streamed_answer_hides_media_segments_split_across_pieces(capsys):
+    from miocli.cli.chat import _Shown
+
+    shown = _Shown(True)
+    for piece in ["Here <im", "age><img1><img2></ima", "ge> and <", "spch><spch5></spch", "> done <b>"]:
+        shown.piece(piece)
+    shown.done("unused", ["out/turn-1-1.png", "out/turn-1-1.wav"])
+    assert capsys.readouterr().out == "Here  and  done <b>\n[image: out/turn-1-1.png]\n[audio: out/turn-1-1.wav]\n"
