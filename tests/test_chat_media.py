@@ -224,39 +224,22 @@ def test_past_the_context_is_refused_naming_the_turn_or_trimmed(tiny_model, tmp_
 
 
 # ---- the same conversation through the server ---------------------------------------------------------------
-def test_server_and_openai_give_the_same_answer_as_in_process(chain_model, media, tmp_path):
+def test_openai_answers_carry_pictures_as_data_urls():
     import base64
+    import io
 
-    from mio_testing import Server
+    from miocli.core.results import Result
+    from miocli.serve.openai.chat import _message
+    from miocli.serve.openai.plans import Plan
 
-    local = invoke("chat", "-a", str(media["photo"]), "what is this?", "--model", str(chain_model), "--json",
-                   "-o", str(tmp_path / "local"), *FAST)
-    server = Server(chain_model)
-    try:
-        remote = run_mio("chat", "--server", server.url, "-a", str(media["photo"]), "what is this?", "--json",
-                         "-o", str(tmp_path / "remote"), *FAST)
-        photo = base64.b64encode(media["photo"].read_bytes()).decode()
-        status, body = server.post("/v1/chat/completions", {
-            "model": "mio", "max_tokens": 64, "beams": 1, "steps": 1, "size": 64, "messages": [
-                {"role": "user", "content": [{"type": "text", "text": "what is this?"},
-                                             {"type": "image_url", "image_url": {"url": f"data:image/jpeg;base64,"
-                                                                                        f"{photo}"}}]},
-                {"role": "assistant", "content": "a red square"},
-                {"role": "user", "content": [{"type": "input_audio", "input_audio": {
-                    "data": base64.b64encode(media["talk"].read_bytes()).decode(), "format": "wav"}}]}]})
-        refused, _ = server.post("/v1/run/chat", {"inputs": [{"messages": [{"role": "user", "content": [
-            {"type": "image", "path": str(media["photo"])}]}]}]})
-    finally:
-        log = server.stop()
-    assert remote.returncode == 0, remote.stderr + log
-    mine, theirs = json.loads(local.stdout), json.loads(remote.stdout)
-    assert mine["text"] == theirs["text"] == "<image_placeholder_0> <speech_placeholder_0>"
-    assert [Path(p).name for p in theirs["files"]] == ["turn-1-1.png", "turn-1-1.wav"]
-    assert status == 200, body
-    message = json.loads(body)["choices"][0]["message"]
-    assert message["content"].startswith("[image 1]")
-    assert message["images"][0]["image_url"]["url"].startswith("data:image/png;base64,")
-    assert refused == 400  # a client cannot make the server open its files
+    picture = Image.new("RGB", (8, 8), (0, 200, 0))
+    result = Result(task="chat", input="draw", text="Here: <image_placeholder_0> done", images=[picture])
+    message = _message(Plan("chat", "chat", [], {}, extra={"spoken": False}), result)
+    assert message["content"] == "Here: [image 1] done"
+    url = message["images"][0]["image_url"]["url"]
+    assert url.startswith("data:image/png;base64,")
+    with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as back:
+        assert back.convert("RGB").getpixel((0, 0)) == (0, 200, 0)
 
 
 def test_one_conversation_gives_the_same_tokens_in_process_on_the_server_and_through_openai(tiny_model, media,
@@ -288,11 +271,14 @@ def test_one_conversation_gives_the_same_tokens_in_process_on_the_server_and_thr
             {"role": "assistant", "content": "a red square"},
             {"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": talk, "format": "wav"}},
                                          {"type": "text", "text": "and this?"}]}])
+        refused, _ = server.post("/v1/run/chat", {"inputs": [{"messages": [{"role": "user", "content": [
+            {"type": "image", "path": str(media["photo"])}]}]}]})
     finally:
         log = server.stop()
     assert remote.returncode == 0, remote.stderr + log
     assert json.loads(remote.stdout)["text"] == local.text == completion.choices[0].message.content
     assert completion.usage.completion_tokens == len(local.token_ids)
+    assert refused == 400  # a client cannot make the server open its files
 
 
 def test_a_streamed_answer_hides_media_segments_split_across_pieces(capsys):
