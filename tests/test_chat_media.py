@@ -46,8 +46,17 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     write_audio(folder / "talk.wav", wave, 16000)
     (folder / "talk.bin").write_bytes((folder / "talk.wav").read_bytes())
     (folder / "notes.png").write_text("not a picture\n")
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"cut short")
+    import cv2
+
+    # Two scenes of two seconds: two keyframes.
+    writer = cv2.VideoWriter(str(folder / "clip.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 10, (64, 48))
+    for colour in ((120, 20, 20), (30, 230, 230)):
+        for _ in range(20):
+            writer.write(np.full((48, 64, 3), colour, np.uint8))
+    writer.release()
     return {"photo": folder / "photo.jpg", "talk": folder / "talk.wav", "disguised": folder / "talk.bin",
-            "notes": folder / "notes.png"}
+            "notes": folder / "notes.png", "clip": folder / "clip.mp4", "broken": folder / "broken.png"}
 
 
 @pytest.fixture(scope="module")
@@ -123,13 +132,15 @@ def test_kinds_come_from_content_not_names(media):
 
 
 # ---- media ids: the same as `mio ask` encodes ------------------------------------------------------------
-def test_attachment_ids_are_those_mio_ask_encodes(tiny_model, media):
-    asked = invoke("ask", str(media["photo"]), "what is this?", "--model", str(tiny_model), "--print-prompt",
+@pytest.mark.parametrize("name, placeholders", [("photo", 1), ("clip", 2)])
+def test_attachment_ids_are_those_mio_ask_encodes(tiny_model, media, name, placeholders):
+    asked = invoke("ask", str(media[name]), "what is this?", "--model", str(tiny_model), "--print-prompt",
                    "--json")
-    chatted = invoke("chat", "-a", str(media["photo"]), "what is this?", "--model", str(tiny_model),
+    chatted = invoke("chat", "-a", str(media[name]), "what is this?", "--model", str(tiny_model),
                      "--print-prompt", "--json")
     assert asked.exit_code == chatted.exit_code == 0, chatted.output
     assert json.loads(chatted.stdout) == json.loads(asked.stdout)
+    assert json.loads(chatted.stdout)["prompt"].count("<image_placeholder_") == placeholders
 
 
 def test_api_parts_encode_as_ask_does_and_once(mio, media, tmp_path):
@@ -200,12 +211,14 @@ def test_interactive_attach_save_reset(chain_model, media, tmp_path):
 
 
 # ---- errors and bounds -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name, message", [("missing", "no such file"), ("notes", "it is not an image")])
-def test_bad_attachment_is_one_line_naming_it(tiny_model, media, name, message):
+@pytest.mark.parametrize("name, message", [("missing", "--attach (message 0): cannot attach {}: no such file"),
+                                           ("notes", "--attach (message 0): cannot attach {}: it is not an image"),
+                                           ("broken", "message 0: {} is ")])
+def test_bad_attachment_is_one_line_naming_it_and_the_turn(tiny_model, media, name, message):
     path = media.get(name, media["photo"].parent / "missing.jpg")
     done = invoke("chat", "-a", str(path), "what?", "--model", str(tiny_model))
     assert done.exit_code == 1
-    assert f"cannot attach {path}: {message}" in done.stderr.splitlines()[0]
+    assert message.format(path) in done.stderr.splitlines()[0]
 
 
 def test_past_the_context_is_refused_naming_the_turn_or_trimmed(tiny_model, tmp_path):
