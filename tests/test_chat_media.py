@@ -248,7 +248,7 @@ def test_openai_answers_carry_pictures_as_data_urls():
     picture = Image.new("RGB", (8, 8), (0, 200, 0))
     result = Result(task="chat", input="draw", text="Here: <image_placeholder_0> done", images=[picture])
     message = _message(Plan("chat", "chat", [], {}, extra={"spoken": False}), result)
-    assert message["content"] == "Here: [image 1] done"
+    assert message["content"] == "Here: <image_placeholder_0> done"
     url = message["images"][0]["image_url"]["url"]
     assert url.startswith("data:image/png;base64,")
     with Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))) as back:
@@ -294,11 +294,11 @@ def test_one_conversation_gives_the_same_tokens_in_process_on_the_server_and_thr
     assert refused == 400  # a client cannot make the server open its files
 
 
-def test_a_streamed_answer_hides_media_segments_split_across_pieces(capsys):
+def test_a_streamed_answer_shows_where_its_media_went(capsys):
     from miocli.cli.chat import _Shown
 
     shown = _Shown(True)
-    for piece in ["Here <im", "age><img1><img2></ima", "ge> and <", "spch><spch5></spch", "> done <b>"]:
+    for piece in ["Here ", "<image_placeholder_0>", " and <speech_placeholder_0> done <b>"]:  # as TextDeltas sends
         shown.piece(piece)
     shown.done("unused", ["out/turn-1-1.png", "out/turn-1-1.wav"])
     assert capsys.readouterr().out == "Here  and  done <b>\n[image: out/turn-1-1.png]\n[audio: out/turn-1-1.wav]\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -92,57 +93,31 @@ def chat(
     return 0
 
 
-_SEGMENTS = {"<image>": "</image>", "<spch>": "</spch>"}
+# The pieces come from TextDeltas: a picture or speech shows there as its whole placeholder, once complete.
+_PLACEHOLDER = re.compile(r"<(image|speech)_placeholder_\d+>")
 
 
 class _Shown:
-    """An answer on stdout: on a terminal piece by piece as it is generated (media segments hidden), else
-    whole at its end, with each picture and recording replaced by where it went."""
+    """An answer on stdout: on a terminal piece by piece as it is generated, its pictures and speech listed
+    with their files at its end; else whole, each picture and recording replaced by where it went."""
 
     def __init__(self, wanted: bool) -> None:
         self.live = wanted and sys.stdout is not None and sys.stdout.isatty()
         self.started = False
-        self.pending = ""
-        self.inside: str | None = None
 
     def piece(self, text: str) -> None:
         self.started = True
-        self.pending += text
-        sys.stdout.write(self._visible())
+        sys.stdout.write(_PLACEHOLDER.sub("", text))
         sys.stdout.flush()
-
-    def _visible(self) -> str:
-        """What can be shown of the pending text: outside media segments, and not a tag's possible start."""
-        shown = []
-        while self.pending:
-            if self.inside is not None:
-                end = self.pending.find(self.inside)
-                if end < 0:
-                    self.pending = self.pending[-len(self.inside):]
-                    break
-                self.pending, self.inside = self.pending[end + len(self.inside):], None
-                continue
-            starts = [(i, tag) for tag in _SEGMENTS if (i := self.pending.find(tag)) >= 0]
-            if starts:
-                at, tag = min(starts)
-                shown.append(self.pending[:at])
-                self.pending, self.inside = self.pending[at + len(tag):], _SEGMENTS[tag]
-                continue
-            cut = self.pending.rfind("<")
-            keep = cut >= 0 and any(tag.startswith(self.pending[cut:]) for tag in _SEGMENTS)
-            shown.append(self.pending[:cut] if keep else self.pending)
-            self.pending = self.pending[cut:] if keep else ""
-            break
-        return "".join(shown)
 
     def done(self, text: str, files: list[str]) -> None:
         if self.started:
-            print(self.pending if self.inside is None else "", flush=True)
+            print("", flush=True)
             for path in files:
                 print(f"[{'audio' if path.endswith('.wav') else 'image'}: {path}]", flush=True)
         else:
             print(text, flush=True)
-        self.started, self.pending, self.inside = False, "", None
+        self.started = False
 
 
 def _conversation(question: str | None, messages: str | None, attach: list[str], interactive: bool) -> list[Any]:

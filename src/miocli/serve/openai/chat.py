@@ -227,11 +227,10 @@ def _context_length(mio: Any) -> int | None:
 def _message(plan: Plan, result: Result) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": result.text, "refusal": None}
     if result.images and plan.task == "chat":
-        # Pictures in an answer come as data URLs (OpenRouter's `images`), the text saying where each stood.
+        # Pictures in an answer come as data URLs (OpenRouter's `images`); the text keeps a placeholder where
+        # each stood, as Mio.chat's and the streamed pieces do.
         from miocli.serve.wire import png
 
-        message["content"] = re.sub(r"<image_placeholder_(\d+)>", lambda m: f"[image {int(m.group(1)) + 1}]",
-                                    result.text)
         message["images"] = [{"type": "image_url", "image_url": {
             "url": "data:image/png;base64," + base64.b64encode(png(image)).decode("ascii")}} for image in result.images]
     if plan.extra["spoken"]:
