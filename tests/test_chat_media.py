@@ -302,3 +302,9 @@ def test_a_streamed_answer_shows_where_its_media_went(capsys):
         shown.piece(piece)
     shown.done("unused", ["out/turn-1-1.png", "out/turn-1-1.wav"])
     assert capsys.readouterr().out == "Here  and  done <b>\n[image: out/turn-1-1.png]\n[audio: out/turn-1-1.wav]\n"
+
+
+def test_chat_help_lists_the_media_options():
+    done = invoke("chat", "--help")
+    for option in ("--attach", "-a", "--output-dir", "-o", "--max-history", "/attach", "/save", "/reset", "--steps"):
+        assert option in done.stdout, option

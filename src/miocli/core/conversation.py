@@ -169,6 +169,9 @@ def parse_messages(messages: Any, base: Path | None = None, *, files: bool = Tru
             # mio's own earlier answer (an interactive session's history): its token strings are tokens.
             turns.append(Turn(role, [Part(TEXT, text=str(content))], raw=str(content)))
             continue
+        if isinstance(content, PromptText):
+            turns.append(Turn(role, [Part(TEXT, text=content)]))  # marked text keeps its marks
+            continue
         parts = parse_content(content, f"message {n}", base if files else _NO_FILES)
         if role == "system" and any(p.kind != TEXT for p in parts):
             raise UsageError(f"message {n}: a system message holds text only")
@@ -297,7 +300,8 @@ def contents(turns: Sequence[Turn]) -> tuple[list[dict[str, Any]], list[str], li
                 from miocli.core.validate import check_text
 
                 check_text(part.text, f"content of message {n}")
-                piece: tuple[str, bool] = (part.text, True)
+                # User text unless the caller marked it (a PromptText keeps its own marks).
+                piece: tuple[str, bool] = (part.text, not isinstance(part.text, PromptText))
             else:
                 if part.tokens is None:
                     raise UsageError(f"message {n}: its {part.kind} is not encoded yet")
