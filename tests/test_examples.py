@@ -70,6 +70,18 @@ def test_python_api_example(tiny_model, photos, tmp_path):
     assert soundfile.info(out / "caption.wav").samplerate == 16000
 
 
+def test_chat_media_example(tiny_model, photos, tmp_path):
+    t = np.arange(16000) / 16000
+    talk = tmp_path / "talk.wav"
+    soundfile.write(talk, (0.3 * np.sin(2 * np.pi * 250 * t)).astype("float32"), 16000)
+    done = subprocess.run([sys.executable, str(EXAMPLES / "chat_media.py"), str(photos / "photo0.png"), str(talk),
+                           str(tmp_path / "out"), "--model", str(tiny_model), "--steps", "1", "--size", "64",
+                           "--max-new-tokens", "8"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [line.split(":")[0] for line in done.stdout.splitlines()[:3]] == ["answer 1", "answer 2", "answer 3"]
+    assert "6 turns" in done.stdout
+
+
 def test_every_example_has_a_test():
-    tested = {"caption_folder.sh", "drive_mio.py", "python_api.py"}
+    tested = {"caption_folder.sh", "drive_mio.py", "python_api.py", "chat_media.py"}
     assert {p.name for p in EXAMPLES.iterdir() if p.is_file()} == tested

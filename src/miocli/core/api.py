@@ -25,7 +25,7 @@ from miocli.core.generation import GenerationOptions
 from miocli.core.inputs import Example, Item, to_media
 from miocli.core.mediatokens import PixelOptions
 from miocli.core.pipeline import Engine
-from miocli.core.prompts import Prompt, conversation_prompt_text, task_prompt_text
+from miocli.core.prompts import Prompt, task_prompt_text
 from miocli.core.results import Audio, Result, Step, StoryPart
 from miocli.core.tasks import AUDIO, IMAGE, TASKS, VIDEO, Task
 from miocli.errors import UsageError
@@ -238,38 +238,68 @@ class Mio:
 
     def chat(
         self,
-        messages: str | Sequence[dict[str, Any]],
+        messages: Any,
         *,
         mode: str = "std",
         system: str | None = None,
         add_generation_prompt: bool = True,
         options: GenerationOptions | None = None,
         on_text: Callable[[str], None] | None = None,
+        max_history: int | None = None,
         **settings: Any,
     ) -> Result:
         """Answer a question or continue a conversation (Instruct model).
 
-        `on_text` gets the answer's text in pieces as it is generated (with one beam; a beam search's
-        answer comes in one piece at its end); the pieces joined are the result's `text`.
+        `messages`: a question, or `[{"role", "content"}, …]` whose contents are text or parts in order:
+        text (a str is always text), `Path`s, PIL images, `(samples, rate)`, file bytes, OpenAI parts
+        (`image_url`, `input_audio`) or `{"type": "image" | "audio" | "video", "path": …}`
+        (miocli.core.conversation). Pass
+        `conversation.Turn`s to keep each turn's media tokens from one call to the next. The result's
+        `text` has a placeholder where the answer holds a picture or speech, decoded in `.images` and
+        `.audio`. `on_text` gets the answer's text in pieces as it is generated (with one beam); the
+        pieces joined are the result's `text`. A conversation past the context is refused
+        (UsageError), or with `max_history` loses its oldest turns (at most that many kept before the last).
         """
+        from miocli.core import chatrun
         from miocli.core.deltas import TextDeltas
+        from miocli.core.steps import encode_conversation
 
         self._require_instruct("chat")
-        text = self.chat_prompt(messages, mode=mode, system=system, add_generation_prompt=add_generation_prompt)
-        item = Item(_last_user(messages), {"mode": mode}, prompt=text)
-        if on_text is None:
-            [result] = list(self.stream("chat", [item], options=options, **settings))
-            return result.raise_for_error()
-        deltas = TextDeltas(self.runtime.tokenizer.decode)
+        turns = self.conversation(messages, mode=mode, system=system)
+        options, _, frames = _settings(options, dict(settings))
+        encode_conversation(self, turns, frames)
+        deltas = TextDeltas(self.runtime.tokenizer.decode) if on_text is not None else None
 
         def watch(_index: int, ids: list[int]) -> None:
-            if piece := deltas.push(ids):
+            if deltas is not None and on_text is not None and (piece := deltas.push(ids)):
                 on_text(piece)
 
-        [result] = list(self.stream("chat", [item], options=options, on_tokens=watch, **settings))
-        if result.error is None and (rest := deltas.finish(result.text)):
+        result, _ = chatrun.answer(self, turns, mode, add_generation_prompt=add_generation_prompt, options=options,
+                                   max_history=max_history,
+                                   on_tokens=watch if deltas is not None else None,
+                                   settings={k: v for k, v in settings.items() if k not in _OPTION_NAMES})
+        if deltas is not None and on_text is not None and result.error is None and (rest := deltas.finish(result.text)):
             on_text(rest)
         return result.raise_for_error()
+
+    def conversation(self, messages: Any, *, mode: str = "std", system: str | None = None,
+                     base: Any = None, files: bool = True) -> list[Any]:
+        """The conversation as `conversation.Turn`s (Turns given stay the same objects, their tokens kept);
+        relative paths in it are read from the folder `base`; without `files` no part may name a file."""
+        from miocli.core.conversation import Part, Turn, parse_messages
+
+        if mode not in protocol.MODES:
+            raise UsageError(f"unknown mode {mode!r}", hint="use std, voice or custom")
+        if isinstance(messages, str) and not messages.strip():
+            raise UsageError("the question is empty", hint="give the text to ask, or --messages FILE")
+        turns = parse_messages(messages, base, files=files)
+        if system is not None:
+            if mode != "custom":
+                raise UsageError("--system needs --mode custom")
+            turns = [Turn("system", [Part("text", text=system)]), *[t for t in turns if t.role != "system"]]
+        if not any(t.role == "user" for t in turns):
+            raise UsageError("the conversation has no user turn")
+        return turns
 
     def generate(self, prompts: str | Sequence[str], options: GenerationOptions | None = None,
                  **settings: Any) -> list[Result]:
@@ -280,27 +310,28 @@ class Mio:
     # ---- prompts ---------------------------------------------------------------------------
     def chat_prompt(
         self,
-        messages: str | Sequence[dict[str, Any]],
+        messages: Any,
         *,
         mode: str = "std",
         system: str | None = None,
         add_generation_prompt: bool = True,
     ) -> str:
-        """The exact prompt text of a conversation (BOS and chat template included)."""
-        if mode not in protocol.MODES:
-            raise UsageError(f"unknown mode {mode!r}", hint="use std, voice or custom")
-        if isinstance(messages, str):
-            if not messages.strip():
-                raise UsageError("the question is empty", hint="give the text to ask, or --messages FILE")
-            messages = [{"role": "user", "content": messages}]
-        messages = list(messages)
-        if system is not None:
-            if mode != "custom":
-                raise UsageError("--system needs --mode custom")
-            messages = [{"role": "system", "content": system}, *[m for m in messages if m.get("role") != "system"]]
-        if not any(m.get("role") == "user" for m in messages if isinstance(m, dict)):
-            raise UsageError("the conversation has no user turn")
-        return conversation_prompt_text(messages, mode, add_generation_prompt)
+        """The exact prompt text of a conversation (BOS and chat template included, media as placeholders)."""
+        return self.conversation_prompt(messages, mode=mode, system=system,
+                                        add_generation_prompt=add_generation_prompt).text
+
+    def conversation_prompt(self, messages: Any, *, mode: str = "std", system: str | None = None,
+                            add_generation_prompt: bool = True, **settings: Any) -> Prompt:
+        """The conversation's prompt, placeholders kept, with the token strings of its media (encoded here,
+        no LLM loaded)."""
+        from miocli.core import conversation
+        from miocli.core.steps import encode_conversation
+
+        turns = self.conversation(messages, mode=mode, system=system)
+        _, _, frames = _settings(None, dict(settings))
+        encode_conversation(self, turns, frames)
+        text, images, speeches = conversation.prompt_text(turns, mode, add_generation_prompt)
+        return Prompt(text, images, speeches)
 
     def raw_prompt(self, text: str) -> str:
         if not text.strip():
@@ -400,11 +431,3 @@ def _replace_options(options: GenerationOptions, **changes: Any) -> GenerationOp
 def _require_text(value: Any, what: str) -> None:
     if not isinstance(value, str) or not value.strip():
         raise UsageError(f"the {what} is empty")
-
-
-def _last_user(messages: str | Sequence[dict[str, Any]]) -> str:
-    if isinstance(messages, str):
-        return messages
-    users = [t.get("content") for t in messages if isinstance(t, dict) and t.get("role") == "user"]
-    return str(users[-1]) if users else ""
-

@@ -200,6 +200,8 @@ class Item:
     prompt: str | None = None
     # This input's own seed instead of the run's (the server batches requests with different seeds).
     seed: int | None = None
+    # chat: a conversation (`conversation.Turn`s) whose media are encoded and prompt built with the batch.
+    turns: list[Any] | None = None
 
 
 @dataclass

@@ -214,8 +214,10 @@ class Engine:
         tokenizer = self.runtime.tokenizer
         vocab = vocab if vocab is not None else MediaVocabulary(tokenizer)
         force = tokenizer.token_to_id(task.force_open) if task.force_open else None
-        allow_images = task.output in ("image", "mixed") or bool(task.prefill)
-        allow_speech = task.output in ("speech", "mixed")
+        # A conversation's answer may be in any modality (std mode's system text says so).
+        chat = task.name == "chat"
+        allow_images = task.output in ("image", "mixed") or bool(task.prefill) or chat
+        allow_speech = task.output in ("speech", "mixed") or chat
 
         def rule(max_new_tokens: int) -> Rule:
             return vocab.rule(max_new_tokens, force_first=force, allow_images=allow_images,

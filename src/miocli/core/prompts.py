@@ -115,24 +115,15 @@ def task_prompt_text(
 def conversation_prompt_text(
     messages: Sequence[dict[str, Any]], mode: str, add_generation_prompt: bool = True
 ) -> PromptText:
-    """The prompt of a conversation. Every content is user text (a --messages file included),
-    except contents given as `PromptText.trusted`: the interactive session's own history, whose
-    answers may hold the media mio generated."""
-    turns: list[dict[str, Any]] = []
-    for i, turn in enumerate(messages):
-        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str) or "content" not in turn:
-            raise UsageError(f"message {i} should be an object with \"role\" and \"content\"")
-        if turn["role"] not in ("system", "user", "assistant"):
-            raise UsageError(f"message {i} has role {turn['role']!r}; use system, user or assistant")
-        if not isinstance(turn["content"], str):
-            raise UsageError(f"message {i} has content of type {type(turn['content']).__name__}; it should be text")
-        turns.append({"role": turn["role"], "content": user_text(turn["content"], f"content of message {i}")})
-    if mode == "custom" and (not turns or turns[0]["role"] != "system"):
-        raise UsageError(
-            "custom mode needs a system turn first", hint="pass --system TEXT or start the messages with one"
-        )
-    text = protocol.apply_chat_template([turns], mode, add_generation_prompt=add_generation_prompt)[0]
-    return text if isinstance(text, PromptText) else PromptText.trusted(text)
+    """The prompt of a text conversation, as `conversation.prompt_text` makes it. Every content is user text
+    (a --messages file included), except contents given as `PromptText.trusted`: the interactive session's
+    own history, whose answers may hold the media mio generated."""
+    from miocli.core.conversation import parse_messages, prompt_text
+
+    text, images, speeches = prompt_text(parse_messages(messages), mode, add_generation_prompt)
+    if images or speeches:
+        raise UsageError("a conversation with media needs them encoded", hint="use Mio.conversation_prompt")
+    return text
 
 
 def raw_prompt_text(text: str, *, tokens: bool = False) -> PromptText:

@@ -187,6 +187,8 @@ class Run:
         """Load and encode one input's media and build its prompt(s); raises MioError for a bad input."""
         task = self.task_for(item)
         self.require(task)
+        if item.turns is not None and item.prompt is None:
+            item = self.conversation_item(task, item)
         media = self.load(item)
         pending = Pending(index, item, task)
         if task.media == AUDIO or any(m.kind == AUDIO for m in item.media):
@@ -202,6 +204,44 @@ class Run:
         else:
             pending.prompts.append(self.prompt(task, item, [], []))
         return pending
+
+    def encode_turns(self, turns: Sequence[Any]) -> None:
+        """Give every media part of a conversation not encoded yet its token strings (`mio ask`'s codec calls)."""
+        waiting: list[tuple[Any, list[Any]]] = []
+        ask = {AUDIO: "ask-audio", VIDEO: "ask-video"}
+        for n, turn in enumerate(turns):
+            # mio's own answers are in the prompt as generated (`Turn.raw`): their parts are only files.
+            for part in turn.media if turn.raw is None else []:
+                if part.tokens is not None:
+                    continue
+                if part.media is None:
+                    raise UsageError(f"message {n}: a {part.kind} part without its media")
+                try:
+                    self.require(TASKS[ask.get(part.kind, "ask-image")])
+                    loaded = self.load(Item(part.media.name, media=[part.media]))
+                    if part.kind == AUDIO:
+                        part.tokens = [self.speech_string(wave, False) for wave in loaded]
+                    else:
+                        waiting.append((part, loaded))
+                except InputError as exc:
+                    raise InputError(f"message {n}: {exc.message}", exc.hint,
+                                     source=exc.source or part.media.name) from None
+        strings = self.image_strings([image for _, images in waiting for image in images])
+        for part, images in waiting:
+            part.tokens, strings = strings[: len(images)], strings[len(images):]
+
+    def conversation_item(self, task: Task, item: Item) -> Item:
+        """A conversation's media encoded and its prompt fitted to the context; past it, this input's error."""
+        from miocli.core import chatrun
+
+        try:
+            self.encode_turns(item.turns or [])
+            fitted = chatrun.fit(self.mio, item.turns or [], item.fields.get("mode", "std"),
+                                 item.fields.get("add_generation_prompt") != "false",
+                                 self.mio.engine.settings_for(task, self.options.overrides()).max_new_tokens, None)
+        except UsageError as exc:
+            raise InputError(exc.message, exc.hint, source=item.name) from None
+        return replace(item, prompt=fitted.prompt, turns=None)
 
     def prompts_of(self, index: int, item: Item) -> list[Prompt]:
         """The prompt(s) of one input, media encoded; loads no LLM (for --print-prompt)."""
@@ -316,11 +356,31 @@ class Run:
         for result, output in zip(results, outputs):
             if output in (SPEECH_OUT, MIXED_OUT):
                 result.audio = self.audio(result.speech_codes)
+            if self.name == "chat" and result.error is None:
+                self._conversation_media(result)
             wanted = {IMAGE_OUT: result.image_ids, SPEECH_OUT: result.speech_codes}.get(output)
             if wanted is not None and not wanted:
                 result.error = InputError(f"the model produced no {output}", source=result.input,
                                           hint="run again with --constrain (the default) or a larger --max-new-tokens")
         return results
+
+
+    def _conversation_media(self, result: Result) -> None:
+        """A conversation's answer may hold pictures and speech in any mode: decoded like any task's."""
+        try:
+            if result.image_ids and not result.images:
+                result.images = self.images(result.image_ids)
+            if result.speech_codes and not result.audio:
+                result.audio = self.audio(result.speech_codes)
+        except MioError as exc:
+            result.problems.append(f"could not decode the answer's media: {exc.message}")
+
+
+def encode_conversation(mio: Any, turns: Sequence[Any], frames: FrameOptions | None = None) -> None:
+    """`Run.encode_turns` outside a run (Mio.chat, Mio.conversation_prompt)."""
+    from miocli.core.generation import GenerationOptions
+
+    Run(mio, "chat", StreamSettings(GenerationOptions(), frames=frames or FrameOptions())).encode_turns(turns)
 
 
 def _spans(lengths: list[int]) -> list[tuple[float, float]]:

@@ -130,16 +130,23 @@ class RemoteMio:
 
     def chat(self, messages: Any, *, mode: str = "std", system: str | None = None,
              add_generation_prompt: bool = True, options: Any = None,
-             on_text: Callable[[str], None] | None = None, **settings: Any) -> Result:
-        """As `Mio.chat`, `on_text` included (the server sends the text as it is generated)."""
-        from miocli.protocol import PromptText
+             on_text: Callable[[str], None] | None = None, max_history: int | None = None,
+             **settings: Any) -> Result:
+        """As `Mio.chat`, `on_text` included (the server sends the text as it is generated). Media parts are
+        read here and sent as their bytes; `max_history` keeps that many turns before the last (a server
+        refuses a conversation past its context, it drops nothing)."""
+        from miocli.core.conversation import parse_messages, to_wire
 
-        turns = [{"role": "user", "content": messages}] if isinstance(messages, str) else list(messages)
+        turns = parse_messages(messages)
+        if max_history is not None:
+            others = [t for t in turns[:-1] if t.role != "system"]
+            dropped = {id(t) for t in others[: max(0, len(others) - max_history)]}
+            turns = [t for t in turns if id(t) not in dropped]
         # The interactive session's own answers go back marked as mio's output (their media tokens
         # stay tokens); every other content is user text, there as here.
-        wired = [{**turn, "trusted": True} if isinstance(turn.get("content"), PromptText)
-                 and not turn["content"].plain else turn for turn in turns]
-        item = {"name": _last_user(messages), "messages": wired, "mode": mode, "system": system,
+        wired = to_wire(turns)
+        users = [t for t in turns if t.role == "user"]
+        item = {"name": users[-1].text if users else "", "messages": wired, "mode": mode, "system": system,
                 "add_generation_prompt": add_generation_prompt}
         if options is not None:
             settings = {**_options_dict(options), **settings}
@@ -199,10 +206,3 @@ def _options_dict(options: Any) -> dict[str, Any]:
     from dataclasses import asdict
 
     return asdict(options)
-
-
-def _last_user(messages: Any) -> str:
-    if isinstance(messages, str):
-        return messages
-    users = [m.get("content") for m in messages if isinstance(m, dict) and m.get("role") == "user"]
-    return str(users[-1]) if users else ""

@@ -64,7 +64,7 @@ def job_from_json(mio: Any, task: str, body: Any) -> Job:
 
 
 def _chat_item(mio: Any, data: dict[str, Any]) -> Item:
-    """A conversation, templated here exactly as `Mio.chat` does in-process."""
+    """A conversation, taken as `Mio.chat` takes it in-process (its media encoded with the batch)."""
     mode = data.get("mode") or "std"
     system = data.get("system")
     if not isinstance(mode, str) or (system is not None and not isinstance(system, str)):
@@ -75,13 +75,22 @@ def _chat_item(mio: Any, data: dict[str, Any]) -> Item:
     messages = data["messages"]
     if not isinstance(messages, list):
         raise UsageError("'messages' must be a list of {role, content} objects")
-    # A turn the client marks as mio's own earlier answer keeps its media tokens; all else is user text.
+    # A turn the client marks as mio's own earlier answer keeps its media tokens; all else is user text,
+    # and media come as their bytes: the server opens no file a client names.
     turns = [{"role": m.get("role"), "content": PromptText.trusted(m["content"])}
              if isinstance(m, dict) and m.get("trusted") is True and isinstance(m.get("content"), str)
              else {k: v for k, v in m.items() if k != "trusted"} if isinstance(m, dict) else m for m in messages]
-    prompt = mio.chat_prompt(turns, mode=mode, system=system,
-                             add_generation_prompt=data.get("add_generation_prompt", True) is not False)
-    return Item(str(data.get("name", "")), {"mode": mode}, prompt=prompt)
+    conversation = mio.conversation(turns, mode=mode, system=system, files=False)
+    fields = {"mode": mode}
+    if data.get("add_generation_prompt", True) is False:
+        fields["add_generation_prompt"] = "false"
+    if not any(t.media for t in conversation):
+        from miocli.core.conversation import filled
+
+        # Text alone is templated here, so that a bad conversation is refused before it is queued.
+        return Item(str(data.get("name", "")), fields, prompt=filled(conversation, mode, "add_generation_prompt"
+                                                                     not in fields))
+    return Item(str(data.get("name", "")), fields, turns=conversation)
 
 
 async def _json_body(request: Any) -> Any:

@@ -10,12 +10,12 @@ import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
 
+from miocli.core.conversation import TEXT, Part, Turn
 from miocli.core.deltas import TextDeltas
 from miocli.core.inputs import Item, Media
 from miocli.core.results import Result
@@ -54,14 +54,8 @@ def _refuse_features(request: ChatRequest) -> None:
             raise OpenAIError(f"'{key}' is not supported by MIO", param=key, code="unsupported_parameter")
 
 
-@dataclass
-class Turn:
-    role: str
-    text: str
-    media: list[Media]
-
-
 def _turns(messages: Any) -> list[Turn]:
+    """The messages as the core's conversation turns (role + ordered parts), in OpenAI's errors."""
     if not isinstance(messages, list) or not messages:
         raise OpenAIError("'messages' must be a non-empty list", param="messages")
     turns = []
@@ -80,38 +74,37 @@ def _turns(messages: Any) -> list[Turn]:
         if role == "assistant" and message.get("audio") is not None:
             raise OpenAIError(f"{param}: the server keeps no audio to refer to by id",
                               param=f"{param}.audio", code="unsupported_parameter")
-        text, media = _content(message.get("content"), f"{param}.content", counter)
-        if media and role != "user":
-            raise OpenAIError(f"{param}: only user messages may hold images or audio", param=f"{param}.content")
-        turns.append(Turn(role, text, media))
+        parts = _content(message.get("content"), f"{param}.content", counter)
+        if role == "system" and any(p.kind != TEXT for p in parts):
+            raise OpenAIError(f"{param}: a system message holds text only", param=f"{param}.content")
+        turns.append(Turn(role, parts))
     return turns
 
 
-def _content(content: Any, param: str, counter: list[int]) -> tuple[str, list[Media]]:
-    """A message's text (parts joined by newlines) and its media."""
+def _content(content: Any, param: str, counter: list[int]) -> list[Part]:
+    """A message's parts in order: text, images and recordings."""
     if isinstance(content, str):
-        return content, []
+        return [Part(TEXT, text=content)]
     if not isinstance(content, list):
         raise OpenAIError(f"{param} must be a string or a list of content parts", param=param)
-    texts: list[str] = []
-    media: list[Media] = []
+    parts: list[Part] = []
     for n, part in enumerate(content):
         where = f"{param}[{n}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text":
             if not isinstance(part.get("text"), str):
                 raise OpenAIError(f"{where}: a text part needs its text", param=f"{where}.text")
-            texts.append(part["text"])
+            parts.append(Part(TEXT, text=part["text"]))
         elif kind == "image_url":
             counter[0] += 1
-            media.append(_image_url(part.get("image_url"), where, counter[0]))
+            parts.append(Part(IMAGE, media=_image_url(part.get("image_url"), where, counter[0])))
         elif kind == "input_audio":
             counter[0] += 1
-            media.append(_input_audio(part.get("input_audio"), where, counter[0]))
+            parts.append(Part(AUDIO, media=_input_audio(part.get("input_audio"), where, counter[0])))
         else:
             raise OpenAIError(f"{where}: content part type {kind!r} is not supported; use text, image_url "
                               "(data URL) or input_audio", param=where)
-    return "\n".join(texts), media
+    return parts
 
 
 _DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*),(?P<data>.*)", re.DOTALL)
@@ -157,17 +150,22 @@ def _chat_plan(mio: Any, request: ChatRequest) -> Plan:
     if len(set(limits.values())) > 1:
         raise OpenAIError("'max_tokens' and 'max_completion_tokens' differ", param="max_tokens")
     known = {"max_new_tokens": next(iter(limits.values()))} if limits else {}
+    known.update({k: v for k in ("steps", "guidance", "size") if (v := getattr(request, k)) is not None})
     settings = request.mio_settings(**known)
     turns = _turns(request.messages)
-    media = [m for turn in turns for m in turn.media]
-    plan = _media_plan(turns, media, spoken, settings) if media else _conversation_plan(mio, turns, spoken, settings)
+    media = [p.media for turn in turns for p in turn.media if p.media is not None]
+    # One image or recording alone in one message is the task that answers it (see the docs' table);
+    # anything else is a conversation.
+    single = len(media) == 1 and len(turns) == 1 and turns[0].role == "user"
+    plan = _media_plan(turns, media, spoken, settings) if single else _conversation_plan(mio, turns, spoken, settings)
     plan.extra = {"audio_format": request.audio.format if request.audio else "wav", "spoken": spoken}
     plan.limit_name = next(iter(limits), "max_tokens")
     return plan
 
 
 def _conversation_plan(mio: Any, turns: list[Turn], spoken: bool, settings: dict[str, Any]) -> Plan:
-    """A text conversation, templated exactly as `Mio.chat` does (Instruct model)."""
+    """A conversation, templated exactly as `Mio.chat` does (Instruct model); its media are encoded with
+    the batch it runs in."""
     if turns[-1].role != "user":
         raise OpenAIError("the last message must be the user's", param="messages")
     system = [t.text for t in turns if t.role == "system"]
@@ -176,19 +174,20 @@ def _conversation_plan(mio: Any, turns: list[Turn], spoken: bool, settings: dict
                           param="messages")
     mode = "voice" if spoken else "custom" if system else "std"
     mio._require_instruct("chat")
-    prompt = mio.chat_prompt([{"role": t.role, "content": t.text} for t in turns if t.role != "system"],
-                             mode=mode, system="\n".join(system) if system else None)
+    conversation = mio.conversation([t for t in turns if t.role != "system"], mode=mode,
+                                    system="\n".join(system) if system else None, files=False)
+    if any(t.media for t in conversation):
+        item = Item(turns[-1].text, {"mode": mode}, turns=conversation)
+        return Plan("chat", "speak" if spoken else "chat", [item], settings)
+    from miocli.core.conversation import filled
+
+    prompt = filled(conversation, mode)
     item = Item(turns[-1].text, {"mode": mode}, prompt=prompt)
     return Plan("chat", "speak" if spoken else "chat", [item], settings, prompt=prompt)
 
 
 def _media_plan(turns: list[Turn], media: list[Media], spoken: bool, settings: dict[str, Any]) -> Plan:
-    """One image or recording with an optional question: the task that answers it (see the docs' table)."""
-    if len(media) > 1:
-        raise OpenAIError("MIO takes one image or one recording per request", param="messages")
-    if len(turns) != 1:
-        raise OpenAIError("an image or recording must come in a single user message, without system or "
-                          "earlier messages", param="messages")
+    """One image or recording with an optional question, in one message: the task that answers it."""
     question = turns[0].text.strip()
     [given] = media
     if given.kind == IMAGE and spoken:
@@ -227,6 +226,13 @@ def _context_length(mio: Any) -> int | None:
 
 def _message(plan: Plan, result: Result) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": result.text, "refusal": None}
+    if result.images and plan.task == "chat":
+        # Pictures in an answer come as data URLs (OpenRouter's `images`); the text keeps a placeholder where
+        # each stood, as Mio.chat's and the streamed pieces do.
+        from miocli.serve.wire import png
+
+        message["images"] = [{"type": "image_url", "image_url": {
+            "url": "data:image/png;base64," + base64.b64encode(png(image)).decode("ascii")}} for image in result.images]
     if plan.extra["spoken"]:
         audio_format = plan.extra["audio_format"]
         message["content"] = None  # as OpenAI: a spoken answer's words are its transcript
@@ -342,11 +348,11 @@ async def _streamed(mio: Any, worker: Any, request: Request, plan: Plan, with_us
                     break
                 elif kind == "result":
                     message = _message(plan, value)
-                    rest = {k: v for k, v in message.items() if k == "audio" and v is not None}
+                    rest = {k: v for k, v in message.items() if k in ("audio", "images") and v is not None}
                     if message.get("content"):
                         rest["content"] = deltas.finish(message["content"])
                     usage, finish = await _usage(mio, plan, value)
-                    if rest.get("content") or "audio" in rest:
+                    if rest.get("content") or "audio" in rest or "images" in rest:
                         yield sse(rest)
                     yield sse({}, finish)
                     if with_usage:

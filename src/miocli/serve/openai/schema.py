@@ -77,6 +77,10 @@ class ChatRequest(Generation):
     stream_options: StreamOptions | None = None
     modalities: list[Literal["text", "audio"]] | None = Field(None, min_length=1)
     audio: ChatAudio | None = None
+    # MIO's own: how pictures in an answer are drawn (unCLIP steps, guidance, side in pixels).
+    steps: int | None = Field(None, ge=1)
+    guidance: float | None = None
+    size: int | None = Field(None, ge=1)
     # Accepted at their "off" values only (chat.refuse_features).
     tools: Any = None
     tool_choice: Any = None
