@@ -162,6 +162,7 @@ def test_reference_scoring_gives_shorter_answers_where_the_prompt_is_long(chain)
         assert list(best(found, transformers_434_length(len(row)))) == theirs
 
 
+@pytest.mark.ci  # slow; its commands also run in tests/test_readme.py or its neighbours
 def test_the_cli_takes_beam_scoring_reference_and_answers_as_the_api(chain, chain_model: Path):
     question = "hi"
     texts = {}

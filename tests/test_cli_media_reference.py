@@ -319,6 +319,7 @@ def test_a_corrupt_video_shows_only_our_lines(tmp_path):
         assert_only_our_lines(done.stderr)
 
 
+@pytest.mark.ci  # slow; its commands also run in tests/test_readme.py or its neighbours
 def test_diffusers_notice_for_bin_weights_is_not_shown(tmp_path, tiny_model):
     # A checkpoint whose VAE has .bin weights only: diffusers logs "An error occurred while trying
     # to fetch ..." (it looked for safetensors first), then loads the .bin fine.

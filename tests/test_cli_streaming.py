@@ -147,6 +147,7 @@ def test_a_planted_manifest_link_is_refused_and_its_target_untouched(tiny_model,
     assert not list(out.glob("*.txt"))
 
 
+@pytest.mark.ci  # slow; its commands also run in tests/test_readme.py or its neighbours
 def test_single_file_outputs_go_to_stdout_or_into_devices_never_over_them(tiny_model, pictures, tmp_path):
     tokens = invoke("tokenize", str(pictures / "p00.png"), "--model", str(tiny_model)).stdout.strip()
     common = ["--model", str(tiny_model), *PIXELS, "--seed", "0"]

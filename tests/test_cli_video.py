@@ -144,6 +144,7 @@ def test_video_caption_prompts_instruct_and_base(clips, tiny_model):
     assert re.findall(r"<image_placeholder_(\d+)>", capped.stdout) == ["0"]
 
 
+@pytest.mark.ci  # slow; its commands also run in tests/test_readme.py or its neighbours
 def test_video_caption_runs_and_writes_text(clips, tiny_model, tmp_path):
     out = tmp_path / "captions"
     done = run_mio("video-caption", str(clips["three"]), str(clips["other"]), *model(tiny_model),
@@ -171,6 +172,7 @@ def test_ask_video(clips, tiny_model):
 
 
 # ---- in-context examples -----------------------------------------------------------------------------
+@pytest.mark.ci  # slow; its commands also run in tests/test_readme.py or its neighbours
 def test_examples_build_a_few_shot_prompt(clips, tiny_model, tmp_path):
     red, blue = tmp_path / "red.png", tmp_path / "blue.png"
     Image.new("RGB", (32, 32), (220, 0, 0)).save(red)
@@ -263,6 +265,7 @@ def test_interleave_story_links_resolve(tiny_model, tmp_path):
     assert "<image_placeholder" not in story
 
 
+@pytest.mark.ci  # slow; its commands also run in tests/test_readme.py or its neighbours
 def test_cot_visual_two_stages(tiny_model, tmp_path, clips):
     out = tmp_path / "cot"
     done = run_mio("cot-visual", "How many legs has a cat?", *model(tiny_model), *PIXELS, "--max-new-tokens", "50",

@@ -81,6 +81,7 @@ def test_commands_over_the_server_match_in_process(server, tiny_model, inputs, t
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.ci  # slow; its commands also run in tests/test_readme.py or its neighbours
 def test_detokenize_over_the_server(server, tiny_model, inputs, tmp_path):
     tokens = run_mio("tokenize", str(inputs / "img0.png"), "--server", server.url).stdout.strip()
     for where, flag in (("remote", ["--server", server.url]), ("local", ["--model", str(tiny_model)])):
@@ -188,6 +189,7 @@ def test_unreachable_server_is_one_clear_error(inputs):
     assert done.returncode == 3 and "cannot reach mio serve" in done.stderr and "Traceback" not in done.stderr
 
 
+@pytest.mark.ci  # slow; its commands also run in tests/test_readme.py or its neighbours
 def test_sigterm_finishes_in_flight_work_and_idle_unload(tiny_model, inputs):
     running = Server(tiny_model, "--idle-unload", "1s")
     client = subprocess.Popen([*MIO_COMMAND, "caption", str(inputs), "--server", running.url, "--max-new-tokens",
