@@ -143,6 +143,7 @@ def test_interactive_keeps_history(tiny_model):
     assert "you> \n" not in done.stderr  # what the user types follows the prompt on its line
 
 
+@pytest.mark.ci  # slow; its commands also run in tests/test_readme.py or its neighbours
 def test_demo_runs_and_names_its_folder(tiny_cache, tmp_path):
     done = run_mio("demo", cwd=tmp_path, env={"MIO_CACHE": str(tiny_cache)})
     assert done.returncode == 0, done.stderr

@@ -139,6 +139,7 @@ def test_asr_splits_a_long_recording_and_joins_the_parts(short_context_model, re
                                                   "text": records["short.wav"]["text"].strip()}]
 
 
+@pytest.mark.ci  # slow; its commands also run in tests/test_readme.py or its neighbours
 def test_asr_writes_subtitles_timed_by_its_parts(short_context_model, recordings, tmp_path):
     long_path, short_path, _ = recordings
     out = tmp_path / "subs"

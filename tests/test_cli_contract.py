@@ -114,6 +114,7 @@ def _run_on_a_terminal(*args: str) -> tuple[subprocess.CompletedProcess[str], st
     return done, b"".join(chunks).decode("utf-8", "replace")
 
 
+@pytest.mark.ci  # slow; its commands also run in tests/test_readme.py or its neighbours
 def test_imagine_draws_at_the_decoders_own_size_with_its_steps_shown_on_a_terminal(tiny_model, tmp_path):
     done, terminal = _run_on_a_terminal("imagine", "a red kite", "--model", str(tiny_model), "--beams", "1",
                                         "--steps", "4", "-o", str(tmp_path / "tty"))
