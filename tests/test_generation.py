@@ -18,7 +18,7 @@ import torch
 from mio_testing import one_torch_thread, run_mio  # noqa: F401  (one_torch_thread: autouse)
 from miocli import protocol
 from miocli.core.api import GenerationOptions, Mio
-from miocli.core.generation import PRESETS, GenerationOverrides, minimum_new_tokens
+from miocli.core.generation import PRESETS, GenerationOverrides, cpu_settings, minimum_new_tokens
 from miocli.core.pipeline import Engine
 from miocli.core.prompts import Prompt, task_prompt_text
 from miocli.core.tasks import TASKS
@@ -89,6 +89,26 @@ def test_hf_kwargs_sampling_turns_top_k_off_and_passes_top_p():
     assert kwargs["top_k"] == 0  # transformers' default top_k=50 would silently narrow MIO's sampling
     assert kwargs["top_p"] == pytest.approx(0.7)
     assert kwargs["temperature"] == 1.0
+
+
+def test_a_7b_model_on_the_cpu_runs_the_presets_beams_as_one_unless_asked():
+    preset = PRESETS["text"]
+    seven_b = 6_160_000_000
+    one, note = cpu_settings(preset, None, seven_b)
+    assert one.num_beams == 1 and one.do_sample is False and one.repetition_penalty == preset.repetition_penalty
+    assert note is not None and "--beams 5" in note
+    # asked for, the beams stay; the tiny checkpoint (or a size config.json does not give) keeps the preset
+    assert cpu_settings(preset, 5, seven_b) == (preset, None)
+    assert cpu_settings(preset, None, 400_000) == (preset, None)
+    assert cpu_settings(preset, None, None) == (preset, None)
+    assert cpu_settings(PRESETS["tts"], None, seven_b) == (PRESETS["tts"], None)
+
+
+def test_the_tiny_checkpoint_on_the_cpu_keeps_the_presets_beams(tiny_model: Path):
+    engine = Engine(Runtime(RuntimeOptions(model=str(tiny_model), device="cpu")))
+    parameters = engine.llm_parameters()
+    assert parameters is not None and 0 < parameters < 1_000_000_000
+    assert cpu_settings(engine.settings_for(TASKS["chat"], None), None, parameters)[0].num_beams == 5
 
 
 def test_overrides_replace_only_what_was_given():

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from mio_testing import one_torch_thread, quantization_logits, run_mio  # noqa: F401  (autouse fixture)
+from miocli.model import quantize
 from miocli.model.devices import RuntimeOptions
-from miocli.model.quantize import Int4Linear, Int8Linear, int4_group_size, read_tensors
+from miocli.model.quantize import Int4Linear, Int8Linear, int4_group_size, read_ahead, read_tensors
 from miocli.model.runtime import Runtime
 
 
@@ -55,11 +56,73 @@ def test_int4_layer_packs_two_weights_a_byte_and_computes_its_dequantized_weight
     assert torch.allclose(layer(x).float(), expected, rtol=0.02, atol=0.02)
 
 
+def _rows_one_by_one(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([layer(row[None]) for row in x])  # one row: always the weight-only kernel
+
+
+def test_int4_long_inputs_go_through_the_dequantized_weight_and_give_the_kernels_answer():
+    torch.manual_seed(0)
+    weight = torch.randn(192, 256) * 0.02  # 3 blocks of 64 output rows, 2 groups of 128 inputs
+    layer = Int4Linear(256, 192, bias=True, group_size=128)
+    layer.bias = torch.nn.Parameter(torch.randn(192, dtype=torch.bfloat16), requires_grad=False)
+    layer.set_weight(weight)
+    # the unpacking reads torch's packed layout: it must give the kernel's weight, element by element
+    eye = torch.eye(256, dtype=torch.bfloat16)
+    kernel_weight_t = torch._weight_int4pack_mm_for_cpu(eye, layer.weight, 128, layer.scales_and_zeros).float()
+    dense = layer.dense_transposed()
+    assert dense is not None and dense.shape == (256, 192)
+    # within bf16 rounding of each weight (a misread layout is off by the weights' own size)
+    assert (dense.float() - kernel_weight_t).abs().max() <= kernel_weight_t.abs().max() / 64
+    x = torch.randn(quantize.INT4_DENSE_FROM_ROWS + 8, 256, dtype=torch.bfloat16)
+    long = layer(x).float()
+    assert torch.allclose(long, _rows_one_by_one(layer, x).float(), rtol=0.02, atol=0.02)
+    # a layer whose outputs are not whole blocks of 64 keeps the kernel for every input
+    odd = Int4Linear(256, 80, bias=False, group_size=128)
+    odd.set_weight(torch.randn(80, 256) * 0.02)
+    assert odd.dense_transposed() is None
+    assert odd(x).shape == (x.shape[0], 80)
+
+
+def test_int8_long_inputs_go_through_the_dequantized_weight_and_give_the_kernels_answer():
+    torch.manual_seed(0)
+    layer = Int8Linear(256, 96, bias=False, dense_from_rows=quantize.INT8_DENSE_FROM_ROWS)
+    layer.set_weight(torch.randn(96, 256) * 0.02)
+    x = torch.randn(2, quantize.INT8_DENSE_FROM_ROWS, 256, dtype=torch.bfloat16)
+    assert torch.allclose(layer(x).float(), x.float() @ layer.dequantized().T,
+                          rtol=0.02, atol=0.02)
+    assert torch.allclose(layer(x).reshape(-1, 96).float(), _rows_one_by_one(layer, x.reshape(-1, 256)).float(),
+                          rtol=0.02, atol=0.02)
+
+
+def test_the_dense_scratch_is_one_buffer_grown_to_the_largest_layer():
+    first = quantize.dense_buffer(64, 128)
+    smaller = quantize.dense_buffer(32, 16)
+    assert smaller.data_ptr() == first.data_ptr() and smaller.shape == (32, 16)
+
+
+def test_weights_are_read_ahead_in_order_and_a_bad_file_is_raised(tmp_path: Path):
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.ones(3), "b": torch.zeros(2)}, str(tmp_path / "1.safetensors"))
+    save_file({"c": torch.full((4,), 2.0)}, str(tmp_path / "2.safetensors"))
+    files = [tmp_path / "1.safetensors", tmp_path / "2.safetensors"]
+    read = [(name, t.tolist()) for name, t in read_ahead(files, skip=lambda name: name == "b")]
+    assert read == [("a", [1.0] * 3), ("c", [2.0] * 4)]
+    (tmp_path / "3.safetensors").write_bytes((100).to_bytes(8, "little") + b"{")
+    with pytest.raises(ValueError):  # its header is cut short
+        list(read_ahead([*files, tmp_path / "3.safetensors"], skip=lambda name: False))
+    # a caller that stops early leaves no reader waiting
+    reader = read_ahead(files, skip=lambda name: False)
+    next(reader)
+    reader.close()
+
+
 def test_int4_group_size_fits_the_layer():
     assert int4_group_size(4096, 11008) == 128
     assert int4_group_size(64, 32) == 64
     assert int4_group_size(48, 32) is None  # no kernel group divides 48: the layer stays bf16
     assert int4_group_size(128, 12) is None
+    assert int4_group_size(128, 72) is None  # torch packs int4 rows in sixteens
 
 
 def test_tensors_are_read_without_mapping_the_file(tmp_path: Path):
@@ -87,8 +150,8 @@ def test_quantized_llm_on_cpu(tiny_model: Path, reference_logits: torch.Tensor, 
                and isinstance(m, torch.nn.Linear | Int4Linear | Int8Linear)]
     assert len(decoder) == 14  # 2 layers × (q, k, v, o, gate, up, down)
     assert all(isinstance(m, layer_type) for m in decoder)
-    # the output head and the embeddings stay bf16, as bitsandbytes keeps them
-    assert isinstance(llm.lm_head, torch.nn.Linear) and llm.lm_head.weight.dtype == torch.bfloat16
+    # the output head is int8 (the embeddings stay bf16): the biggest single read of every generated token
+    assert isinstance(llm.lm_head, Int8Linear) and llm.lm_head.dense_from_rows is None
     assert llm.get_input_embeddings().weight.dtype == torch.bfloat16
     assert not any(p.device.type == "meta" for p in llm.parameters())
     assert f"quantize={mode}" in runtime.loads[-1].detail and "bfloat16" in runtime.loads[-1].detail

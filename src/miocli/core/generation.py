@@ -90,6 +90,26 @@ class GenerationOverrides:
         return replace(preset, **changes)
 
 
+# From this size on, a CPU decodes the presets' beam searches with one beam unless --beams is given: there every
+# beam is another full pass of the prompt and of each step (MIO-7B, 2 cores: docs/performance.md, "CPU defaults").
+ONE_BEAM_ON_CPU_FROM_PARAMETERS = 1_000_000_000
+
+
+def cpu_settings(settings: GenerationSettings, asked_beams: int | None, parameters: int | None,
+                 ) -> tuple[GenerationSettings, str | None]:
+    """What the CPU runs of a preset for an LLM of `parameters`, and a note when its beams become one.
+
+    The tiny checkpoint (and anything under a billion parameters) keeps the presets exactly, so the CPU
+    still reproduces the reference; an explicit --beams is always kept."""
+    if settings.num_beams <= 1 or asked_beams is not None or parameters is None:
+        return settings, None
+    if parameters < ONE_BEAM_ON_CPU_FROM_PARAMETERS:
+        return settings, None
+    return replace(settings, num_beams=1), (
+        f"1 beam instead of the preset's {settings.num_beams} on the CPU, where each beam costs a whole pass "
+        f"(--beams {settings.num_beams} runs the preset; --beams 1 silences this)")
+
+
 def minimum_new_tokens(output: str, *, prefill: str = "") -> int:
     """The fewest new tokens in which an answer of kind `output` can hold one whole segment.
 

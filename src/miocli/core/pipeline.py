@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from miocli import protocol
-from miocli.core.generation import PRESETS, GenerationOverrides, row_seed
+from miocli.core.generation import PRESETS, GenerationOverrides, cpu_settings, row_seed
 from miocli.core.prompts import Prompt, raw_prompt_text, task_prompt_text
 from miocli.core.tasks import Task
 from miocli.core.validate import check_text
@@ -121,6 +121,13 @@ class Engine:
                 hint=shorten_hint(kind, context - needed, prompt_tokens),
             )
 
+    def llm_parameters(self) -> int | None:
+        """The LLM's parameter count from config.json (nothing loaded), None when it does not say."""
+        from miocli.model import memory
+
+        config = memory.llm_config(self.runtime.model_dir)
+        return memory.llm_size(config).parameters if config is not None else None
+
     def context_length(self) -> int | None:
         # From config.json until the LLM is loaded: a vLLM engine never loads it in this process.
         return context_length(self.runtime)
@@ -190,6 +197,13 @@ class Engine:
             settings, note = llamacpp_settings(settings, overrides.num_beams if overrides is not None else None)
             if note:
                 note_once(f"`{task.name}` on --engine llamacpp: {note}")
+        elif generator.name == "transformers" and self.runtime.device.type == "cpu":
+            from miocli.engines.base import note_once
+
+            settings, note = cpu_settings(settings, overrides.num_beams if overrides is not None else None,
+                                          self.llm_parameters())
+            if note:
+                note_once(f"`{task.name}`: {note}")
         elif generator.name != "transformers":
             from miocli.engines.base import note_once, vllm_settings
 

@@ -8,10 +8,12 @@ layout (its int4 formats need CUDA or an extra kernel package; int4 "unpacked" k
 
 Here the model is built without storage, and each weight of the decoder's linear layers is read from its
 safetensors file with plain reads (no memory map, so the file does not count in the resident set),
-quantized at once and dropped; the rest (embeddings, norms, output head) is kept in bf16 like
-bitsandbytes does. Peak memory is the quantized model plus one tensor. The matrix products are torch's
-own CPU kernels: `_weight_int8pack_mm` (int8, one scale per output row) and `_weight_int4pack_mm_for_cpu`
-(int4 in groups of 128 along the input, scale and zero per group; AVX-512/AMX where present).
+quantized at once and dropped, while a thread reads the next; the output head becomes int8 whatever the bit
+width, and the rest (embeddings, norms) is kept in bf16. Peak memory is the quantized model plus two tensors.
+The matrix products are torch's own CPU kernels, `_weight_int8pack_mm` (int8, one scale per output row) and
+`_weight_int4pack_mm_for_cpu` (int4 in groups of 128 along the input, scale and zero per group), for the few
+rows of a generated token. Those kernels cost the same for every row they take, so a long prompt instead
+dequantizes each layer's weight into one reused bf16 buffer and runs a single bf16 matrix product.
 
 Quantizing 5.5 B weights costs about a minute on 2 cores, so the first load keeps the quantized layers in
 `$MIO_CACHE/quantized/` (about 3 GB for 4-bit, 5.6 GB for 8-bit at MIO-7B's size), keyed by the weight
@@ -24,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +34,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn import functional
 
 from miocli.errors import ModelError
 from miocli.model import checkpoint
@@ -39,11 +43,34 @@ from miocli.model import checkpoint
 INT4_GROUP_SIZES = (128, 64, 32)
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 CACHE_DTYPES = {"U8": torch.uint8, "I8": torch.int8}
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the output head is int8 too
 CACHE_ENV = "MIO_QUANTIZED_CACHE"
 # Below this many quantized weights, quantizing takes well under a second: not worth a file.
 CACHE_FROM_WEIGHTS = 100_000_000
 COMPUTE_DTYPE = torch.bfloat16
+# Rows of a product (prompt tokens × beams × batch) from which dequantizing the layer's weight into a reused bf16
+# buffer and one bf16 matrix product beats torch's weight-only kernels, which cost the same for every row they
+# take: measured at MIO-7B's shapes on 2 cores (benchmarks/cpu_kernels.py, docs/performance.md).
+INT8_DENSE_FROM_ROWS = 32
+INT4_DENSE_FROM_ROWS = 192
+# Elements quantized at a time: float32 scratch that stays in the core's cache.
+QUANTIZE_CHUNK = 1 << 18
+_scratch = threading.local()
+
+
+def dense_buffer(rows: int, cols: int) -> torch.Tensor:
+    """A (rows, cols) bf16 scratch matrix shared by the quantized layers of this thread: one buffer as big as the
+    largest layer (90 MB at MIO-7B's size) instead of a new one per layer and call."""
+    buffer: torch.Tensor | None = getattr(_scratch, "dense", None)
+    if buffer is None or buffer.numel() < rows * cols:
+        _scratch.dense = buffer = torch.empty(rows * cols, dtype=COMPUTE_DTYPE)
+    return buffer[: rows * cols].view(rows, cols)
+
+
+def _row_chunks(rows: int, cols: int) -> Iterator[slice]:
+    step = max(1, QUANTIZE_CHUNK // cols)
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
 
 
 class Int8Linear(nn.Module):
@@ -51,9 +78,11 @@ class Int8Linear(nn.Module):
 
     mio_quantized = True
 
-    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, dense_from_rows: int | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        # None: always the int8 kernel (the output head, whose bf16 copy would take 625 MB of scratch)
+        self.dense_from_rows = dense_from_rows
         self.register_buffer("weight", torch.empty(0, dtype=torch.int8))
         self.register_buffer("scales", torch.empty(0, dtype=COMPUTE_DTYPE))
         self.bias = nn.Parameter(torch.empty(0), requires_grad=False) if bias else None
@@ -62,7 +91,10 @@ class Int8Linear(nn.Module):
         weight = weight.to(COMPUTE_DTYPE)
         # Symmetric per row: scale = max|w| / 127.
         scales = weight.abs().amax(dim=1, keepdim=True).float().clamp_(min=1e-8).div_(127)
-        self.weight = weight.float().div_(scales).round_().to(torch.int8)
+        codes = torch.empty(weight.shape, dtype=torch.int8)
+        for rows in _row_chunks(*weight.shape):
+            codes[rows] = weight[rows].float().div_(scales[rows]).round_()
+        self.weight = codes
         self.scales = scales.squeeze(1).to(COMPUTE_DTYPE)
 
     def dequantized(self) -> torch.Tensor:
@@ -70,7 +102,13 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(COMPUTE_DTYPE), self.weight, self.scales)
+        flat = x.reshape(-1, shape[-1]).to(COMPUTE_DTYPE)
+        if self.dense_from_rows is not None and flat.shape[0] >= self.dense_from_rows:
+            dense = dense_buffer(self.out_features, self.in_features)
+            dense.copy_(self.weight).mul_(self.scales[:, None])
+            y = functional.linear(flat, dense)
+        else:
+            y = torch._weight_int8pack_mm(flat, self.weight, self.scales)
         y = y.reshape(*shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
@@ -93,23 +131,49 @@ class Int4Linear(nn.Module):
         groups = weight.to(COMPUTE_DTYPE).reshape(rows, cols // self.group_size, self.group_size)
         low = groups.amin(dim=-1, keepdim=True).float()
         scale = (groups.amax(dim=-1, keepdim=True).float() - low).div_(15).clamp_(min=1e-8)
-        levels = groups.float().sub_(low).div_(scale).round_().clamp_(0, 15).to(torch.int32).reshape(rows, cols)
+        levels = torch.empty(rows, cols, dtype=torch.int32)
+        for part in _row_chunks(rows, cols):
+            levels[part] = groups[part].float().sub_(low[part]).div_(scale[part]).round_().clamp_(0, 15).view(-1, cols)
         self.weight = torch._convert_weight_to_int4pack_for_cpu(levels, 8)
         # The kernel computes (q - 8) * scale + zero, so zero = low + 8 * scale.
         zero = low.add_(scale, alpha=8)
         self.scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(COMPUTE_DTYPE)
 
+    def dense_transposed(self) -> torch.Tensor | None:
+        """Wᵀ in bf16 (in_features, out_features), in the shared scratch; None where torch's packing is not the
+        one this reads: (out / 64, in, 32) bytes, byte j of block b holding row 64b + j in its low four bits and
+        row 64b + 32 + j in its high four (tests/test_quantize.py checks it against the kernel)."""
+        rows, cols = self.out_features, self.in_features
+        if rows % 64 or self.weight.shape != (rows, cols // 2):
+            return None
+        blocks = self.weight.view(rows // 64, cols, 32)
+        dense = dense_buffer(cols, rows)
+        halves = dense.view(cols, rows // 64, 2, 32)
+        halves[:, :, 0].copy_((blocks & 15).permute(1, 0, 2))
+        halves[:, :, 1].copy_((blocks >> 4).permute(1, 0, 2))
+        scale = self.scales_and_zeros[..., 0]
+        offset = (self.scales_and_zeros[..., 1].float() - 8 * scale.float()).to(COMPUTE_DTYPE)
+        for group in range(cols // self.group_size):
+            # a group's rows of Wᵀ at a time: broadcasting along the leading axis is the fast case
+            part = dense[group * self.group_size:(group + 1) * self.group_size]
+            torch.addcmul(offset[group], part, scale[group], out=part)
+        return dense
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        y = torch._weight_int4pack_mm_for_cpu(x.reshape(-1, shape[-1]).to(COMPUTE_DTYPE), self.weight,
-                                              self.group_size, self.scales_and_zeros)
+        flat = x.reshape(-1, shape[-1]).to(COMPUTE_DTYPE)
+        dense = self.dense_transposed() if flat.shape[0] >= INT4_DENSE_FROM_ROWS else None
+        if dense is not None:
+            y = flat @ dense
+        else:
+            y = torch._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_and_zeros)
         y = y.reshape(*shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
 
 def int4_group_size(in_features: int, out_features: int) -> int | None:
     """The int4 group size for a layer, or None when the kernel cannot take it (kept in bf16 then)."""
-    if out_features % 8:
+    if out_features % 16:  # torch packs int4 rows in sixteens
         return None
     return next((g for g in INT4_GROUP_SIZES if in_features % g == 0), None)
 
@@ -118,7 +182,7 @@ def quantized_linear(linear: nn.Linear, bits: int) -> nn.Module | None:
     """An empty quantized stand-in for `linear`, or None when it stays in bf16."""
     bias = linear.bias is not None
     if bits == 8:
-        return Int8Linear(linear.in_features, linear.out_features, bias)
+        return Int8Linear(linear.in_features, linear.out_features, bias, dense_from_rows=INT8_DENSE_FROM_ROWS)
     group = int4_group_size(linear.in_features, linear.out_features)
     return None if group is None else Int4Linear(linear.in_features, linear.out_features, bias, group)
 
@@ -158,6 +222,51 @@ def read_tensors(path: Path, skip: Callable[[str], bool] = lambda _name: False) 
             yield name, data.view(dtype).reshape(entry["shape"])
 
 
+def read_ahead(files: list[Path], skip: Callable[[str], bool]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The tensors of `files` in order, the next one read by a thread while the caller quantizes this one (reads
+    and torch's kernels both let go of the GIL): at most two tensors are held at a time."""
+    slots = threading.Semaphore(1)
+    handoff: list[tuple[str, torch.Tensor] | BaseException | None] = []
+    ready = threading.Condition()
+    stopped = threading.Event()
+
+    def reader() -> None:
+        outcome: BaseException | None = None
+        try:
+            for path in files:
+                for item in read_tensors(path, skip=skip):
+                    with ready:
+                        handoff.append(item)
+                        ready.notify()
+                    del item
+                    slots.acquire()  # until the caller is done with the one before
+                    if stopped.is_set():
+                        return
+        except BaseException as exc:  # handed to the caller, who raises it
+            outcome = exc
+        with ready:
+            handoff.append(outcome)
+            ready.notify()
+
+    thread = threading.Thread(target=reader, name="mio-read-weights", daemon=True)
+    thread.start()
+    try:
+        while True:
+            with ready:
+                ready.wait_for(lambda: bool(handoff))
+                item = handoff.pop(0)
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            del item
+            slots.release()
+    finally:
+        stopped.set()
+        slots.release()
+
+
 def load_quantized_llm(model_dir: Path, config: Any, bits: int) -> Any:
     """The LLM of `model_dir` with its decoder's linear weights in `bits` (8 or 4), for the CPU."""
     from accelerate import init_empty_weights
@@ -176,6 +285,15 @@ def load_quantized_llm(model_dir: Path, config: Any, bits: int) -> Any:
                 parent_name, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent_name), child, replacement)
                 quantized[name + ".weight"] = replacement
+    head = model.get_output_embeddings()
+    if isinstance(head, nn.Linear) and not getattr(config, "tie_word_embeddings", False):
+        # The output head in int8 (always its row-wise kernel): at MIO-7B's size its bf16 weight is 625 MB read
+        # on every generated token, a fifth of a 4-bit step (llama.cpp keeps it at 6 bits or more, too).
+        name = next(n for n, m in model.named_modules() if m is head)
+        parent_name, _, child = name.rpartition(".")
+        replacement = Int8Linear(head.in_features, head.out_features, head.bias is not None)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, replacement)
+        quantized[name + ".weight"] = replacement
     owners = dict(model.named_modules())
     seen: set[str] = set()
     files = _weight_files(model_dir)
@@ -190,25 +308,24 @@ def load_quantized_llm(model_dir: Path, config: Any, bits: int) -> Any:
         except Exception:  # a damaged cache is rebuilt from the weights
             seen.clear()
     from_cache = set(seen)
-    for path in files:
-        for key, tensor in read_tensors(path, skip=from_cache.__contains__):
-            if key in quantized:
-                quantized[key].set_weight(tensor)  # type: ignore[operator]
+    for key, tensor in read_ahead(files, skip=from_cache.__contains__):
+        if key in quantized:
+            quantized[key].set_weight(tensor)  # type: ignore[operator]
+        else:
+            parent_name, _, attribute = key.rpartition(".")
+            owner = owners.get(parent_name)
+            if owner is None or not hasattr(owner, attribute):
+                continue  # a tensor the model has no place for (the reference loads non-strictly too)
+            value = tensor.to(COMPUTE_DTYPE)
+            if isinstance(getattr(owner, attribute), nn.Parameter) or attribute in owner._parameters:
+                # requires_grad as from_pretrained leaves it: without it, a bf16 linear on a strided input
+                # (the last position's hidden state) takes a path that copies the whole weight, 625 MB for
+                # the output head, per row (measured +3 GB peak with 5 beams)
+                setattr(owner, attribute, nn.Parameter(value))
             else:
-                parent_name, _, attribute = key.rpartition(".")
-                owner = owners.get(parent_name)
-                if owner is None or not hasattr(owner, attribute):
-                    continue  # a tensor the model has no place for (the reference loads non-strictly too)
-                value = tensor.to(COMPUTE_DTYPE)
-                if isinstance(getattr(owner, attribute), nn.Parameter) or attribute in owner._parameters:
-                    # requires_grad as from_pretrained leaves it: without it, a bf16 linear on a strided input
-                    # (the last position's hidden state) takes a path that copies the whole weight, 625 MB for
-                    # the output head, per row (measured +3 GB peak with 5 beams)
-                    setattr(owner, attribute, nn.Parameter(value))
-                else:
-                    setattr(owner, attribute, value)
-            seen.add(key)
-            del tensor
+                setattr(owner, attribute, value)
+        seen.add(key)
+        del tensor
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
     missing = [n for n, p in model.named_parameters() if p.device.type == "meta"]
