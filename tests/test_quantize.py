@@ -117,6 +117,14 @@ def test_weights_are_read_ahead_in_order_and_a_bad_file_is_raised(tmp_path: Path
     reader.close()
 
 
+def test_int4_packing_is_torchs_for_whole_blocks_and_other_sizes():
+    generator = torch.Generator().manual_seed(1)
+    for rows in (192, 80):  # three blocks of 64; a size that only torch's conversion packs
+        levels = torch.randint(0, 16, (rows, 256), dtype=torch.uint8, generator=generator)
+        assert torch.equal(quantize.pack_int4(levels), torch._convert_weight_to_int4pack_for_cpu(levels.int(), 8))
+    assert quantize._BLOCK_PACKING_IS_TORCHS == [True]
+
+
 def test_int4_group_size_fits_the_layer():
     assert int4_group_size(4096, 11008) == 128
     assert int4_group_size(64, 32) == 64

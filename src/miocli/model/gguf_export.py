@@ -63,15 +63,7 @@ def _gguf() -> Any:
 
 
 def weight_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_dir / n for n in names]
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise ModelError(f"the GGUF export reads safetensors weights; {model_dir} has none",
-                     hint="convert the LLM weights to safetensors first")
+    return checkpoint.safetensors_files(model_dir, "the GGUF export", "convert the LLM weights to safetensors first")
 
 
 def _header(path: Path) -> list[tuple[str, str, list[int]]]:
