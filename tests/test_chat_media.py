@@ -190,6 +190,7 @@ def test_api_answer_has_images_and_audio(chain_model, media):
     assert result.image_ids == [list(range(32))]
 
 
+@pytest.mark.ci  # slow (a process per step); .ci/run runs the ci mark
 def test_interactive_attach_save_reset(chain_model, media, tmp_path):
     out, saved = tmp_path / "out", tmp_path / "conversation.json"
     script = (f"/attach {media['disguised']}\nsay it and draw a picture\n/attach {tmp_path / 'gone.png'}\n"

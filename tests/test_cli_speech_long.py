@@ -67,6 +67,7 @@ def test_too_big_for_memory_is_refused_before_work(tiny_model: Path, token_file:
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+@pytest.mark.ci  # slow (a process per step); .ci/run runs the ci mark
 def test_held_in_memory_the_hint_is_a_file(tiny_model: Path, tmp_path: Path) -> None:
     """Stdin is held whole, so its need grows with it; the same tokens from a file fit."""
     codes = np.random.default_rng(4).integers(0, 1024, (4, 40_000)).tolist()

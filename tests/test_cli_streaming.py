@@ -48,6 +48,7 @@ def mio_env() -> dict[str, str]:
 
 
 # ---- a kill loses at most the batch in flight; --skip-existing finishes the set ------------------
+@pytest.mark.ci  # slow (a process per step); .ci/run runs the ci mark
 def test_a_killed_run_keeps_finished_batches_and_a_resume_completes_the_set(tiny_model, pictures, tmp_path):
     out, whole = tmp_path / "out", tmp_path / "whole"
     args = ["caption", str(pictures), "--model", str(tiny_model), *FAST, "-b", "2", "--json"]

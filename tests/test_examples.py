@@ -31,6 +31,7 @@ def env_for(model: Path) -> dict[str, str]:
     return {**os.environ, "MIO_MODEL": str(model)}
 
 
+@pytest.mark.ci  # slow (a process per step); .ci/run runs the ci mark
 def test_caption_folder_script_resumes(tiny_model, photos, tmp_path):
     script = EXAMPLES / "caption_folder.sh"
     out = tmp_path / "captions"

@@ -119,6 +119,7 @@ def test_text_deltas_are_prefixes_of_the_final_text(mio: Mio):
 
 
 # ---- the CLI on a terminal ----------------------------------------------------------------------------
+@pytest.mark.ci  # slow (a process per step); .ci/run runs the ci mark
 def test_mio_chat_on_a_terminal_prints_the_answer_it_prints_to_a_pipe(tiny_model: Path):
     command = [*MIO_COMMAND, "chat", "--model", str(tiny_model), "--device", "cpu", "--beams", "1",
                "--max-new-tokens", "24", "--seed", "0", "Hello there"]

@@ -313,19 +313,6 @@ def safetensors_problem(path: Path) -> str | None:
     return None
 
 
-def safetensors_files(model_dir: Path, reader: str, hint: str) -> list[Path]:
-    """The LLM's safetensors files (the index's shards, or model.safetensors); a ModelError saying that `reader`
-    needs them, with `hint`, when the folder has none."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_dir / n for n in names]
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise ModelError(f"{reader} reads safetensors weights; {model_dir} has none", hint=hint)
-
-
 def safetensors_tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """name -> (dtype, shape) of every tensor in a .safetensors file, from its header alone.
 

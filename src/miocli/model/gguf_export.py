@@ -63,7 +63,9 @@ def _gguf() -> Any:
 
 
 def weight_files(model_dir: Path) -> list[Path]:
-    return checkpoint.safetensors_files(model_dir, "the GGUF export", "convert the LLM weights to safetensors first")
+    from miocli.model.quantize import safetensors_files
+
+    return safetensors_files(model_dir, "the GGUF export", "convert the LLM weights to safetensors first")
 
 
 def _header(path: Path) -> list[tuple[str, str, list[int]]]:

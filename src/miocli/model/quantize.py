@@ -213,6 +213,19 @@ def quantized_linear(linear: nn.Linear, bits: int) -> nn.Module | None:
     return None if group is None else Int4Linear(linear.in_features, linear.out_features, bias, group)
 
 
+def safetensors_files(model_dir: Path, reader: str, hint: str) -> list[Path]:
+    """The LLM's safetensors files (the index's shards, or model.safetensors); a ModelError saying that `reader`
+    needs them, with `hint`, when the folder has none."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [model_dir / n for n in names]
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    raise ModelError(f"{reader} reads safetensors weights; {model_dir} has none", hint=hint)
+
+
 def read_tensors(path: Path, skip: Callable[[str], bool] = lambda _name: False,
                  storage: Callable[[str, int], torch.Tensor] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
     """Each tensor of a safetensors file (but those `skip` names), read with plain reads: nothing of the file
@@ -347,8 +360,8 @@ def load_quantized_llm(model_dir: Path, config: Any, bits: int) -> Any:
     owners = dict(model.named_modules())
     _return_freed_memory()
     seen: set[str] = set()
-    files = checkpoint.safetensors_files(model_dir, "--quantize on the CPU",
-                                         "convert the LLM weights to safetensors, or use --quantize none")
+    files = safetensors_files(model_dir, "--quantize on the CPU",
+                              "convert the LLM weights to safetensors, or use --quantize none")
     weights = sum(m.in_features * m.out_features for m in quantized.values())
     cache = cache_file(files, bits) if weights >= CACHE_FROM_WEIGHTS else None
     if cache is not None and cache.is_file():
