@@ -122,7 +122,7 @@ def test_int4_packing_is_torchs_for_whole_blocks_and_other_sizes():
     for rows in (192, 80):  # three blocks of 64; a size that only torch's conversion packs
         levels = torch.randint(0, 16, (rows, 256), dtype=torch.uint8, generator=generator)
         assert torch.equal(quantize.pack_int4(levels), torch._convert_weight_to_int4pack_for_cpu(levels.int(), 8))
-    assert quantize._BLOCK_PACKING_IS_TORCHS == [True]
+    assert quantize.torch_packs_int4_in_blocks()
 
 
 def test_int4_group_size_fits_the_layer():

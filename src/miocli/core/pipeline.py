@@ -6,6 +6,7 @@ in around this (`steps.py`); prompt text comes from `prompts.py`; this module on
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
@@ -121,12 +122,16 @@ class Engine:
                 hint=shorten_hint(kind, context - needed, prompt_tokens),
             )
 
-    def llm_parameters(self) -> int | None:
-        """The LLM's parameter count from config.json (nothing loaded), None when it does not say."""
+    @functools.cached_property
+    def _llm_parameters(self) -> int | None:
         from miocli.model import memory
 
         config = memory.llm_config(self.runtime.model_dir)
         return memory.llm_size(config).parameters if config is not None else None
+
+    def llm_parameters(self) -> int | None:
+        """The LLM's parameter count from config.json (nothing loaded, read once), None when it does not say."""
+        return self._llm_parameters
 
     def context_length(self) -> int | None:
         # From config.json until the LLM is loaded: a vLLM engine never loads it in this process.

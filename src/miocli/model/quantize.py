@@ -23,6 +23,7 @@ files' names, sizes and times, the bit width and the torch version; later loads 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -123,18 +124,19 @@ def _pack_int4_blocks(levels: torch.Tensor) -> torch.Tensor:
     return (halves[:, 0] | (halves[:, 1] << 4)).transpose(1, 2).contiguous().view(rows, cols // 2)
 
 
-_BLOCK_PACKING_IS_TORCHS: list[bool] = []
+@functools.cache
+def torch_packs_int4_in_blocks() -> bool:
+    """Whether this torch packs int4 for its CPU kernel in the layout mio packs and unpacks itself (see
+    Int4Linear.dense_transposed), checked once per process on a small matrix; a torch that packs otherwise
+    keeps its own conversion and its kernel for every input."""
+    sample = torch.randint(0, 16, (128, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return torch.equal(_pack_int4_blocks(sample), torch._convert_weight_to_int4pack_for_cpu(sample.int(), 8))
 
 
 def pack_int4(levels: torch.Tensor) -> torch.Tensor:
     """`levels` (rows, cols) of 0..15 in uint8, packed as `_weight_int4pack_mm_for_cpu` reads them: torch's own
-    conversion takes int32 levels and twice the time, so whole blocks of 64 rows are packed here, once checked
-    against torch's on a small matrix in this process (a torch that packs otherwise keeps its own conversion)."""
-    if not _BLOCK_PACKING_IS_TORCHS:
-        sample = torch.randint(0, 16, (128, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-        _BLOCK_PACKING_IS_TORCHS.append(
-            torch.equal(_pack_int4_blocks(sample), torch._convert_weight_to_int4pack_for_cpu(sample.int(), 8)))
-    if levels.shape[0] % 64 == 0 and _BLOCK_PACKING_IS_TORCHS[0]:
+    conversion takes int32 levels and twice the time, so whole blocks of 64 rows are packed here."""
+    if levels.shape[0] % 64 == 0 and torch_packs_int4_in_blocks():
         return _pack_int4_blocks(levels)
     return torch._convert_weight_to_int4pack_for_cpu(levels.int(), 8)
 
@@ -167,10 +169,10 @@ class Int4Linear(nn.Module):
 
     def dense_transposed(self) -> torch.Tensor | None:
         """Wᵀ in bf16 (in_features, out_features), in the shared scratch; None where torch's packing is not the
-        one this reads: (out / 64, in, 32) bytes, byte j of block b holding row 64b + j in its low four bits and
-        row 64b + 32 + j in its high four (tests/test_quantize.py checks it against the kernel)."""
+        one this reads (torch_packs_int4_in_blocks): (out / 64, in, 32) bytes, byte j of block b holding row
+        64b + j in its low four bits and row 64b + 32 + j in its high four."""
         rows, cols = self.out_features, self.in_features
-        if rows % 64 or self.weight.shape != (rows, cols // 2):
+        if rows % 64 or self.weight.shape != (rows, cols // 2) or not torch_packs_int4_in_blocks():
             return None
         blocks = self.weight.view(rows // 64, cols, 32)
         dense = dense_buffer(cols, rows)
