@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -9,10 +10,12 @@ import pytest
 
 from mio_testing import quantization_logits
 from miocli.engines.rules import MediaVocabulary
-from miocli.model.tiny import ensure_tiny_checkpoint
+from miocli.model.tiny import default_cache_dir, ensure_tiny_checkpoint
 from miocli.model.tokenizer import MioTokenizer
 
 GOLDEN = Path(__file__).parent / "golden"
+# mio's CPU kernel is built once for the whole session (and kept between sessions), whatever cache a test uses
+os.environ.setdefault("MIO_KERNEL_CACHE", str(default_cache_dir() / "kernels"))
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from mio_testing import one_torch_thread, quantization_logits, run_mio  # noqa: F401  (autouse fixture)
-from miocli.model import quantize
+from miocli.model import cpu_kernel, quantize
 from miocli.model.devices import RuntimeOptions
 from miocli.model.quantize import Int4Linear, Int8Linear, int4_group_size, read_ahead, read_tensors
 from miocli.model.runtime import Runtime
@@ -41,7 +41,7 @@ def test_int8_layer_computes_its_dequantized_weight():
 def test_int4_layer_packs_two_weights_a_byte_and_computes_its_dequantized_weight():
     torch.manual_seed(0)
     weight = torch.randn(64, 256) * 0.02
-    layer = Int4Linear(256, 64, bias=True, group_size=128)
+    layer = Int4Linear(256, 64, bias=True, group_size=128, own_kernel=False)
     layer.bias = torch.nn.Parameter(torch.randn(64, dtype=torch.bfloat16), requires_grad=False)
     layer.set_weight(weight)
     assert layer.weight.dtype == torch.uint8 and layer.weight.numel() * 2 == 64 * 256
@@ -63,7 +63,7 @@ def _rows_one_by_one(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def test_int4_long_inputs_go_through_the_dequantized_weight_and_give_the_kernels_answer():
     torch.manual_seed(0)
     weight = torch.randn(192, 256) * 0.02  # 3 blocks of 64 output rows, 2 groups of 128 inputs
-    layer = Int4Linear(256, 192, bias=True, group_size=128)
+    layer = Int4Linear(256, 192, bias=True, group_size=128, own_kernel=False)
     layer.bias = torch.nn.Parameter(torch.randn(192, dtype=torch.bfloat16), requires_grad=False)
     layer.set_weight(weight)
     # the unpacking reads torch's packed layout: it must give the kernel's weight, element by element
@@ -77,10 +77,46 @@ def test_int4_long_inputs_go_through_the_dequantized_weight_and_give_the_kernels
     long = layer(x).float()
     assert torch.allclose(long, _rows_one_by_one(layer, x).float(), rtol=0.02, atol=0.02)
     # a layer whose outputs are not whole blocks of 64 keeps the kernel for every input
-    odd = Int4Linear(256, 80, bias=False, group_size=128)
+    odd = Int4Linear(256, 80, bias=False, group_size=128, own_kernel=False)
     odd.set_weight(torch.randn(80, 256) * 0.02)
     assert odd.dense_transposed() is None
     assert odd(x).shape == (x.shape[0], 80)
+
+
+needs_own_kernel = pytest.mark.skipif(not cpu_kernel.available(), reason=f"mio's CPU kernel: {cpu_kernel.why_not()}")
+
+
+def _levels(weight: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    groups = weight.to(torch.bfloat16).float().reshape(weight.shape[0], -1, group)
+    low = groups.amin(-1, keepdim=True)
+    scale = ((groups.amax(-1, keepdim=True) - low) / 15).clamp(min=1e-8)
+    return ((groups - low) / scale).round().clamp(0, 15), scale, low
+
+
+@needs_own_kernel
+@pytest.mark.parametrize(("group", "inputs"), [(128, 512), (128, 128 * 19), (64, 320), (32, 96)])
+def test_own_int4_kernel_computes_its_dequantized_weight_for_any_rows(group: int, inputs: int):
+    torch.manual_seed(0)
+    weight = torch.randn(48, inputs) * 0.02
+    layer = Int4Linear(inputs, 48, bias=True, group_size=group, own_kernel=True)
+    layer.bias = torch.nn.Parameter(torch.randn(48, dtype=torch.bfloat16), requires_grad=False)
+    layer.set_weight(weight)
+    assert layer.weight.shape == (48, inputs // 2) and layer.scales.shape == (48, inputs // group)
+    # byte j of a group holds input j (low four bits) and input j + group / 2 (high four)
+    levels, scale, low = _levels(weight, group)
+    half = group // 2
+    packed = layer.weight.view(48, -1, half)
+    assert torch.equal(packed & 15, levels[..., :half].to(torch.uint8))
+    assert torch.equal(packed >> 4, levels[..., half:].to(torch.uint8))
+    expected_weight = (levels * layer.scales.float()[..., None] + layer.mins.float()[..., None]).reshape(48, -1)
+    assert (layer.dequantized().float() - expected_weight).abs().max() <= expected_weight.abs().max() / 128
+    assert (expected_weight - weight).abs().max() <= scale.max() * 0.51 + 1e-3
+    # 1 row, a pass of 8 and a part of one, and the dense path from OWN_INT4_DENSE_FROM_ROWS rows
+    for rows in (1, 3, 8, 11, quantize.OWN_INT4_DENSE_FROM_ROWS + 2):
+        x = torch.randn(rows, inputs, dtype=torch.bfloat16)
+        expected = x.float() @ expected_weight.T + layer.bias.float()
+        error = (layer(x).float() - expected).norm() / expected.norm()
+        assert error < 0.02, (rows, error)  # int8 activations: measured 0.6 %; a misread layout is ~100 %
 
 
 def test_int8_long_inputs_go_through_the_dequantized_weight_and_give_the_kernels_answer():
@@ -149,8 +185,12 @@ def own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path / "cache"
 
 
-@pytest.mark.parametrize("mode", ["4bit", "8bit"])
-def test_quantized_llm_on_cpu(tiny_model: Path, reference_logits: torch.Tensor, mode: str):
+@pytest.mark.parametrize("mode", ["4bit", "4bit-torch-kernel", "8bit"])
+def test_quantized_llm_on_cpu(tiny_model: Path, reference_logits: torch.Tensor, mode: str,
+                              monkeypatch: pytest.MonkeyPatch):
+    if mode == "4bit-torch-kernel":  # where mio's kernel cannot be built
+        monkeypatch.setattr(cpu_kernel, "available", lambda: False)
+        mode = "4bit"
     runtime = Runtime(RuntimeOptions(model=str(tiny_model), quantize=mode))
     llm = runtime.llm
     layer_type = Int4Linear if mode == "4bit" else Int8Linear
@@ -158,6 +198,7 @@ def test_quantized_llm_on_cpu(tiny_model: Path, reference_logits: torch.Tensor, 
                and isinstance(m, torch.nn.Linear | Int4Linear | Int8Linear)]
     assert len(decoder) == 14  # 2 layers × (q, k, v, o, gate, up, down)
     assert all(isinstance(m, layer_type) for m in decoder)
+    assert all(m.own_kernel == cpu_kernel.available() for m in decoder if isinstance(m, Int4Linear))
     # the output head is int8 (the embeddings stay bf16): the biggest single read of every generated token
     assert isinstance(llm.lm_head, Int8Linear) and llm.lm_head.dense_from_rows is None
     assert llm.get_input_embeddings().weight.dtype == torch.bfloat16

@@ -130,6 +130,11 @@ def generate(
                                   cancelled=cancelled))
         reference = settings.beam_scoring == "reference" and settings.num_beams > 1
         scoring = reference_beam_scoring(llm, stop_id) if reference else contextlib.nullcontext()
+        cache: dict[str, Any] = {}
+        if device.type == "cpu":
+            from miocli.model.cpu_attention import GrowingCache
+
+            cache["past_key_values"] = GrowingCache()
         with torch.inference_mode(), scoring:
             output = llm.generate(
                 input_ids=ids.to(device),
@@ -139,6 +144,7 @@ def generate(
                 pad_token_id=pad_id,
                 stopping_criteria=watch,
                 **hf_generate_kwargs(run_settings),
+                **cache,
             )
         for row, index in enumerate(chunk):
             new = output[row, width:].tolist()

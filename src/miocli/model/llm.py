@@ -189,6 +189,10 @@ def load_llm(model_dir: Path, device: torch.device, dtype: torch.dtype, quantize
     finally:
         hf_logging.set_verbosity(verbosity)
     model.eval()
+    if device.type == "cpu":
+        from miocli.model import cpu_attention
+
+        cpu_attention.use_on_cpu(model)
     _check_rows(model, model_dir, tokenizer_vocab)
     return model
 
@@ -205,6 +209,9 @@ def _load_llm_quantized_cpu(model_dir: Path, config: Any, quantize: str, tokeniz
         raise
     except Exception as exc:  # corrupt weight files raise library-specific errors
         raise _llm_load_error(model_dir, config, exc) from exc
+    from miocli.model import cpu_attention
+
+    cpu_attention.use_on_cpu(model)
     _check_rows(model, model_dir, tokenizer_vocab)
     return model
 

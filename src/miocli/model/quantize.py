@@ -10,10 +10,12 @@ Here the model is built without storage, and each weight of the decoder's linear
 safetensors file with plain reads (no memory map, so the file does not count in the resident set),
 quantized at once and dropped, while a thread reads the next; the output head becomes int8 whatever the bit
 width, and the rest (embeddings, norms) is kept in bf16. Peak memory is the quantized model plus two tensors.
-The matrix products are torch's own CPU kernels, `_weight_int8pack_mm` (int8, one scale per output row) and
-`_weight_int4pack_mm_for_cpu` (int4 in groups of 128 along the input, scale and zero per group), for the few
-rows of a generated token. Those kernels cost the same for every row they take, so a long prompt instead
-dequantizes each layer's weight into one reused bf16 buffer and runs a single bf16 matrix product.
+The 4-bit matrix products are mio's own kernel (cpu_kernel: int8 activations times the int4 levels in integer
+dot products, AVX-512 VNNI where the CPU has it), built on first use; without a compiler they are torch's
+`_weight_int4pack_mm_for_cpu` (groups of 128 along the input, scale and zero per group). 8-bit layers use torch's
+`_weight_int8pack_mm` (one scale per output row). Those kernels serve the few rows of a generated token; their
+cost grows with every row, so a long prompt instead dequantizes each layer's weight into one reused bf16 buffer
+and runs a single bf16 matrix product.
 
 Quantizing 5.5 B weights costs about a minute on 2 cores, so the first load keeps the quantized layers in
 `$MIO_CACHE/quantized/` (about 3 GB for 4-bit, 5.6 GB for 8-bit at MIO-7B's size), keyed by the weight
@@ -38,13 +40,13 @@ from torch import nn
 from torch.nn import functional
 
 from miocli.errors import ModelError
-from miocli.model import checkpoint
+from miocli.model import checkpoint, cpu_kernel
 
 # The input widths the int4 kernel groups by; the largest that divides a layer's width is used.
 INT4_GROUP_SIZES = (128, 64, 32)
 SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 CACHE_DTYPES = {"U8": torch.uint8, "I8": torch.int8}
-CACHE_VERSION = 2  # 2: the output head is int8 too
+CACHE_VERSION = 3  # 2: the output head is int8 too; 3: int4 in mio's own layout where its kernel is built
 CACHE_ENV = "MIO_QUANTIZED_CACHE"
 # Below this many quantized weights, quantizing takes well under a second: not worth a file.
 CACHE_FROM_WEIGHTS = 100_000_000
@@ -54,6 +56,8 @@ COMPUTE_DTYPE = torch.bfloat16
 # take: measured at MIO-7B's shapes on 2 cores (benchmarks/cpu_kernels.py, docs/performance.md).
 INT8_DENSE_FROM_ROWS = 32
 INT4_DENSE_FROM_ROWS = 192
+# The same for mio's own int4 kernel (cpu_kernel), whose cost also grows with the rows but from a far lower start.
+OWN_INT4_DENSE_FROM_ROWS = 40
 # Elements quantized at a time: float32 scratch that stays in the core's cache.
 QUANTIZE_CHUNK = 1 << 18
 _scratch = threading.local()
@@ -142,16 +146,27 @@ def pack_int4(levels: torch.Tensor) -> torch.Tensor:
 
 
 class Int4Linear(nn.Module):
-    """y = x Wᵀ (+ b) with W stored as packed int4 (two per byte), asymmetric, per group of inputs."""
+    """y = x Wᵀ (+ b) with W stored as packed int4 (two per byte), asymmetric, per group of inputs.
+
+    Two layouts: mio's own (cpu_kernel, q4_cpu.cpp), used wherever that kernel is built, else torch's
+    (`_weight_int4pack_mm_for_cpu`, with the dense path of dense_transposed)."""
 
     mio_quantized = True
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int,
+                 own_kernel: bool | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        # own_kernel=False: torch's layout and kernel even where mio's is built (None or True: mio's where built)
+        self.own_kernel = own_kernel is not False and cpu_kernel.available()
         self.register_buffer("weight", torch.empty(0, dtype=torch.uint8))
-        # (in_features / group_size, out_features, 2): the scale and the zero of each group
-        self.register_buffer("scales_and_zeros", torch.empty(0, dtype=COMPUTE_DTYPE))
+        if self.own_kernel:
+            # (out_features, in_features / group_size) each: weight = level * scale + min
+            self.register_buffer("scales", torch.empty(0, dtype=COMPUTE_DTYPE))
+            self.register_buffer("mins", torch.empty(0, dtype=COMPUTE_DTYPE))
+        else:
+            # (in_features / group_size, out_features, 2): the scale and the zero of each group
+            self.register_buffer("scales_and_zeros", torch.empty(0, dtype=COMPUTE_DTYPE))
         self.bias = nn.Parameter(torch.empty(0), requires_grad=False) if bias else None
 
     def set_weight(self, weight: torch.Tensor) -> None:
@@ -162,17 +177,25 @@ class Int4Linear(nn.Module):
         levels = torch.empty(rows, cols, dtype=torch.uint8)
         for part in _row_chunks(rows, cols):
             levels[part] = groups[part].float().sub_(low[part]).div_(scale[part]).round_().clamp_(0, 15).view(-1, cols)
+        if self.own_kernel:
+            # byte j of a group: input j in the low four bits, input j + group / 2 in the high four
+            halves = levels.view(rows, cols // self.group_size, 2, self.group_size // 2)
+            self.weight = (halves[:, :, 0] | (halves[:, :, 1] << 4)).view(rows, cols // 2)
+            self.scales = scale.view(rows, -1).to(COMPUTE_DTYPE)
+            self.mins = low.view(rows, -1).to(COMPUTE_DTYPE)
+            return
         self.weight = pack_int4(levels)
         # The kernel computes (q - 8) * scale + zero, so zero = low + 8 * scale.
         zero = low.add_(scale, alpha=8)
         self.scales_and_zeros = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(COMPUTE_DTYPE)
 
     def dense_transposed(self) -> torch.Tensor | None:
-        """Wᵀ in bf16 (in_features, out_features), in the shared scratch; None where torch's packing is not the
-        one this reads (torch_packs_int4_in_blocks): (out / 64, in, 32) bytes, byte j of block b holding row
-        64b + j in its low four bits and row 64b + 32 + j in its high four."""
+        """Wᵀ in bf16 (in_features, out_features), in the shared scratch, from torch's layout; None where torch's
+        packing is not the one this reads (torch_packs_int4_in_blocks): (out / 64, in, 32) bytes, byte j of block
+        b holding row 64b + j in its low four bits and row 64b + 32 + j in its high four."""
         rows, cols = self.out_features, self.in_features
-        if rows % 64 or self.weight.shape != (rows, cols // 2) or not torch_packs_int4_in_blocks():
+        if (self.own_kernel or rows % 64 or self.weight.shape != (rows, cols // 2)
+                or not torch_packs_int4_in_blocks()):
             return None
         blocks = self.weight.view(rows // 64, cols, 32)
         dense = dense_buffer(cols, rows)
@@ -187,14 +210,26 @@ class Int4Linear(nn.Module):
             torch.addcmul(offset[group], part, scale[group], out=part)
         return dense
 
+    def dequantized(self) -> torch.Tensor:
+        """W in bf16 (out_features, in_features), in the shared scratch (own layout only)."""
+        dense = dense_buffer(self.out_features, self.in_features)
+        cpu_kernel.dequantize(self.weight, self.scales, self.mins, self.group_size, dense)
+        return dense
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).to(COMPUTE_DTYPE)
-        dense = self.dense_transposed() if flat.shape[0] >= INT4_DENSE_FROM_ROWS else None
-        if dense is not None:
-            y = flat @ dense
+        if self.own_kernel:
+            if flat.shape[0] >= OWN_INT4_DENSE_FROM_ROWS:
+                y = functional.linear(flat, self.dequantized())
+            else:
+                y = cpu_kernel.linear(flat.contiguous(), self.weight, self.scales, self.mins, self.group_size)
         else:
-            y = torch._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_and_zeros)
+            dense = self.dense_transposed() if flat.shape[0] >= INT4_DENSE_FROM_ROWS else None
+            if dense is not None:
+                y = flat @ dense
+            else:
+                y = torch._weight_int4pack_mm_for_cpu(flat, self.weight, self.group_size, self.scales_and_zeros)
         y = y.reshape(*shape[:-1], self.out_features)
         return y + self.bias if self.bias is not None else y
 
@@ -424,8 +459,9 @@ def cache_file(files: list[Path], bits: int) -> Path | None:
     for path in files:
         info = path.stat()
         stats.append([str(path.resolve()), info.st_size, info.st_mtime_ns])
-    # the packed int4 layout is torch's own and may change between versions
-    key = json.dumps([CACHE_VERSION, bits, torch.__version__, stats])
+    # torch's packed int4 layout may change between versions; mio's own is used only where its kernel is built
+    layout = "mio" if bits == 4 and cpu_kernel.available() else "torch"
+    key = json.dumps([CACHE_VERSION, bits, layout, torch.__version__, stats])
     return default_cache_dir() / "quantized" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}-int{bits}.safetensors"
 
 
