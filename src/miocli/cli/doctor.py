@@ -165,6 +165,9 @@ def collect(model: str | None, variant: str | None, device: str) -> dict[str, An
     report["cuda"] = cuda
     problem = bitsandbytes_problem()
     report["bitsandbytes"] = {"usable": problem is None, "problem": problem}
+    from miocli.model import cpu_kernel
+
+    report["cpu_int4_kernel"] = cpu_kernel.status()
     try:
         chosen = resolve_device(device)
         report["device"] = str(chosen)
@@ -207,6 +210,9 @@ def render(report: dict[str, Any]) -> None:
         table.add_row("cuda", "not available (CPU only)")
     bnb = report["bitsandbytes"]
     table.add_row("bitsandbytes", "usable (8bit/4bit)" if bnb["usable"] else f"[red]unusable[/red]: {bnb['problem']}")
+    kernel = report["cpu_int4_kernel"]
+    table.add_row("CPU int4 kernel", ("built" if kernel["built"] else "builds on first --quantize 4bit (about 13 s)")
+                  if kernel["usable"] else f"[yellow]torch's instead[/yellow]: {kernel['problem']}")
     table.add_row("device", f"{report['device']} (auto quantize: {report.get('auto_quantize', '-')})")
     engines = report.get("engines", {})
     if engines:

@@ -105,6 +105,17 @@ def available() -> bool:
     return True
 
 
+def status() -> dict[str, object]:
+    """For `mio doctor`, without building anything: whether the kernel is built here, else whether it can be."""
+    if os.environ.get(ENV, "1").lower() in ("0", "off", "no", "false"):
+        return {"usable": False, "built": False, "problem": f"{ENV}=0"}
+    compiler = _compiler()
+    if compiler is None:
+        return {"usable": False, "built": False, "problem": "no C++ compiler (g++) on the PATH"}
+    path = library_path(compiler)
+    return {"usable": True, "built": path.is_file(), "path": str(path), "problem": None}
+
+
 def why_not() -> str | None:
     """Why the kernel is not used, after available() said so."""
     return _why_not[-1] if _why_not else None
