@@ -120,12 +120,15 @@ def main() -> None:
            "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error"}
     env.pop("MIO_MODEL", None)
     env.pop("MIO_GGUF", None)
-    # mio's CPU kernel is built once per machine, not on each first load: built here, outside the clocks
-    env.setdefault("MIO_KERNEL_CACHE", str(Path(os.environ.get("MIO_CACHE") or Path.home() / ".cache/miocli")
-                                           / "kernels"))
-    kernel = subprocess.run([sys.executable, "-c", "from miocli.model import cpu_kernel as k; "
-                             "print('VNNI' if k.vnni() else 'portable' if k.available() else k.why_not())"],
-                            capture_output=True, text=True, env=env).stdout.strip()
+    # mio's CPU kernel is built once per machine, not on each first load: built here, outside the clocks, and
+    # every row's fresh $MIO_CACHE pointed at it
+    probe = subprocess.run([sys.executable, "-c", "import json; from miocli.model import cpu_kernel as k; "
+                            "print(json.dumps(['VNNI' if k.vnni() else 'portable' if k.available() else k.why_not(), "
+                            "str(k.library_path(k._compiler()).parent) if k.available() else None]))"],
+                           capture_output=True, text=True, env=env).stdout.strip().splitlines()[-1]
+    kernel, kernel_folder = json.loads(probe)
+    if kernel_folder is not None:
+        env["MIO_KERNEL_CACHE"] = kernel_folder
     print(f"\n### {args.model} on the CPU ({os.cpu_count()} cores), prompts of {args.prompts} tokens, "
           f"{args.new} new tokens, greedy; load average {load_average()} at the start\n")
     print("| row | prefill tok/s (" + " / ".join(map(str, prompts)) + ") | decode tok/s (after "

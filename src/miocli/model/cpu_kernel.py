@@ -81,19 +81,26 @@ def _build(compiler: str, target: Path) -> None:
         temporary.unlink(missing_ok=True)
 
 
+def _obstacle() -> str | None:
+    """What keeps the kernel from being built here, before trying."""
+    if os.environ.get(ENV, "1").lower() in ("0", "off", "no", "false"):
+        return f"{ENV}=0"
+    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
+        return f"built for x86-64 Linux only, this is {sys.platform} {platform.machine()}"
+    if _compiler() is None:
+        return "no C++ compiler (g++) on the PATH"
+    return None
+
+
 @functools.cache
 def available() -> bool:
     """Whether torch.ops.mio_q4 is loaded (building it if need be); the reason it is not is in why_not()."""
-    if os.environ.get(ENV, "1").lower() in ("0", "off", "no", "false"):
-        _why_not.append(f"{ENV}=0")
-        return False
-    if not sys.platform.startswith("linux") or platform.machine() not in ("x86_64", "AMD64"):
-        _why_not.append(f"built for x86-64 Linux only, this is {sys.platform} {platform.machine()}")
+    obstacle = _obstacle()
+    if obstacle is not None:
+        _why_not.append(obstacle)
         return False
     compiler = _compiler()
-    if compiler is None:
-        _why_not.append("no C++ compiler (g++) on the PATH")
-        return False
+    assert compiler is not None
     try:
         target = library_path(compiler)
         if not target.is_file():
@@ -107,11 +114,10 @@ def available() -> bool:
 
 def status() -> dict[str, object]:
     """For `mio doctor`, without building anything: whether the kernel is built here, else whether it can be."""
-    if os.environ.get(ENV, "1").lower() in ("0", "off", "no", "false"):
-        return {"usable": False, "built": False, "problem": f"{ENV}=0"}
+    obstacle = _obstacle()
     compiler = _compiler()
-    if compiler is None:
-        return {"usable": False, "built": False, "problem": "no C++ compiler (g++) on the PATH"}
+    if obstacle is not None or compiler is None:
+        return {"usable": False, "built": False, "problem": obstacle}
     path = library_path(compiler)
     return {"usable": True, "built": path.is_file(), "path": str(path), "problem": None}
 
