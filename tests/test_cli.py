@@ -67,6 +67,7 @@ def test_generate_json_end_to_end_base(tiny_model):
     record = json.loads(done.stdout.strip().splitlines()[0])
     assert record["task"] == "generate" and record["input"] == "Question: 1+1=? Answer:"
     assert isinstance(record["text"], str) and record["problems"] == []
+    assert done.stderr == ""  # a library's deprecation warning would land in every user's terminal
 
 
 def test_generate_batch_writes_outputs_and_manifest(tiny_model, tmp_path):

@@ -45,6 +45,14 @@ class TransformersEngine:
         )
 
 
+def generate_cache_keyword() -> str:
+    """The keyword `generate()` takes a cache under: `cache` in newer transformers, where the old
+    `past_key_values` still works but prints a FutureWarning into every command's stderr."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
+
+
 def hf_generate_kwargs(settings: GenerationSettings) -> dict[str, Any]:
     kwargs: dict[str, Any] = {
         "num_beams": settings.num_beams,
@@ -134,7 +142,7 @@ def generate(
         if device.type == "cpu":
             from miocli.model.cpu_attention import GrowingCache
 
-            cache["past_key_values"] = GrowingCache()
+            cache[generate_cache_keyword()] = GrowingCache()
         with torch.inference_mode(), scoring:
             output = llm.generate(
                 input_ids=ids.to(device),
